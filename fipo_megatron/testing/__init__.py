@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks (kept in the package so tools/ and tests/ share them)."""

@@ -1,0 +1,122 @@
+"""Run a function on N real gloo processes on CPU and collect what each rank returns.
+
+    from fipo_megatron.testing.distributed import run_distributed
+    results = run_distributed(my_fn, world_size=4, args=(x,))   # list indexed by rank
+
+``my_fn(rank, world_size, *args)`` runs in a forked child with ``torch.distributed`` already initialised
+(gloo, a FileStore rendezvous, so no TCP port can collide) and ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``
+set. Its return value (anything picklable: tensors, dicts, floats) comes back to the parent. An
+exception on any rank is re-raised in the parent with that rank's traceback; a hang is killed after
+``timeout`` seconds. Children run single-threaded: N ranks share two cores.
+
+Fork (not spawn) keeps start-up cheap: megatron-core takes ~4 s to import, and a forked child inherits
+the parent's imports. The parent must not have initialised torch.distributed itself.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import tempfile
+import traceback
+from typing import Any, Callable
+
+
+def _worker(fn, rank, world_size, init_file, args, kwargs, queue, extra_env):
+    try:
+        os.environ.update(extra_env)
+        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                           "LOCAL_WORLD_SIZE": str(world_size)})
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+        try:
+            result = fn(rank, world_size, *args, **kwargs)
+        finally:
+            try:
+                _teardown_megatron()
+                dist.barrier()
+                dist.destroy_process_group()
+            except Exception:
+                pass
+        queue.put((rank, True, _dumps(result)))
+    except BaseException:  # report everything, including SystemExit/KeyboardInterrupt from the worker
+        queue.put((rank, False, traceback.format_exc()))
+
+
+def _dumps(obj) -> bytes:
+    # torch registers fd-sharing reducers with multiprocessing's pickler; those break once the child
+    # exits, so results travel as plain torch.save bytes.
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _loads(data: bytes):
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _teardown_megatron() -> None:
+    import sys
+
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is not None and ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *, args: tuple = (), kwargs: dict | None = None,
+                    timeout: float = 300.0, env: dict[str, str] | None = None) -> list[Any]:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks; return results by rank."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="fipo_dist_") as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, args, kwargs or {}, queue, env or {}),
+                             daemon=False) for r in range(world_size)]
+        for p in procs:
+            p.start()
+        results: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        import queue as queue_mod
+        import time
+
+        deadline = time.monotonic() + timeout
+        try:
+            while len(results) + len(errors) < world_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"distributed run of {fn.__name__} on {world_size} ranks exceeded {timeout:.0f} s; "
+                                       f"finished ranks: {sorted(results)}, failed: {sorted(errors)}")
+                try:
+                    rank, ok, payload = queue.get(timeout=min(remaining, 1.0))
+                except queue_mod.Empty:
+                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)
+                            and r not in results and r not in errors]
+                    if dead:
+                        raise RuntimeError(f"rank(s) {dead} of {fn.__name__} died with exit codes "
+                                           f"{[procs[r].exitcode for r in dead]} before reporting")
+                    continue
+                (results if ok else errors)[rank] = payload
+                if errors:  # one rank failed: the others would hang in a collective
+                    break
+        finally:
+            for p in procs:
+                p.join(timeout=5 if not errors else 0.5)
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        if errors:
+            rank = min(errors)
+            raise RuntimeError(f"rank {rank} of {world_size} failed in {fn.__name__}:\n{errors[rank]}")
+    return [_loads(results[r]) for r in range(world_size)]
