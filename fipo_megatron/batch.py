@@ -1,0 +1,47 @@
+"""The data the trainer hands the actor each step: responses with their advantages.
+
+Kept deliberately small and framework-free: the trainer builds it from the rollout on one rank and
+broadcasts it; the actor picks its data-parallel share, packs it, and splits it into mini-batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(kw_only=True)
+class Sample:
+    """One response to one prompt.
+
+    ``prompt_ids`` and ``response_ids`` are token ids; the response ends at EOS or at the length limit
+    (nothing after EOS is included). ``advantage`` is the GRPO advantage broadcast to every response
+    token. ``rollout_log_probs`` are the engine's per-token log-probs of ``response_ids`` (used only for
+    the train/rollout mismatch metric: the actor recomputes old log-probs itself, spec §1).
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    advantage: float
+    group_id: int = 0
+    reward: float = 0.0
+    rollout_log_probs: list[float] | None = None
+    finish_reason: str = "stop"
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass(kw_only=True)
+class TrainBatch:
+    """One step's training data, identical on every rank, ordered by group (prompt).
+
+    ``num_responses_per_prompt`` is the group size n; mini-batches are ``ppo_mini_batch_size`` prompts,
+    i.e. ``ppo_mini_batch_size * n`` samples (verl's convention). ``temperature`` is the sampling
+    temperature the rollout used: log-probs are computed from logits / temperature, as sampled.
+    """
+
+    samples: list[Sample]
+    num_responses_per_prompt: int
+    temperature: float = 1.0
+    meta: dict = field(default_factory=dict)
