@@ -1,0 +1,242 @@
+"""The one owner of parallel topology: validate the layout, initialise Megatron's groups once, hand them out.
+
+    groups = initialize_parallel(ParallelConfig(tp=2, pp=2, cp=1), hf_config=hf_config)
+    groups.tp_group, groups.dp_cp_group, groups.pg_collection, groups.is_last_stage ...
+
+Megatron's ranks are laid out in its default order "tp-cp-ep-dp-pp" (tp fastest). Everything that needs a
+group takes it from the frozen :class:`ParallelGroups` bundle; nothing here adds module globals beyond the
+ones megatron-core's ``parallel_state`` keeps itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fipo_megatron.log import get_logger
+from fipo_megatron.parallel.cpu_compat import apply_cpu_compat
+
+logger = get_logger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """Model-parallel layout. Data parallelism is what is left: ``dp = world / (tp * pp * cp)``.
+
+    Fields:
+        tp: tensor-parallel size (heads, FFN and vocab split over ranks).
+        pp: pipeline-parallel size (layers split over stages).
+        cp: context-parallel size (each sequence split zig-zag over ranks, see ``parallel.cp_layout``).
+        vpp: virtual pipeline stages per rank (interleaved schedule), None for none; needs pp > 1.
+        sequence_parallel: shard activations outside attention/MLP over TP (GPU only, needs tp > 1).
+        use_distributed_optimizer: shard optimizer state over DP (Megatron's distributed optimizer; GPU only).
+    """
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    vpp: int | None = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "cp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ParallelConfig.{name} must be an int >= 1, got {value!r}")
+        if self.vpp is not None:
+            if not isinstance(self.vpp, int) or self.vpp < 1:
+                raise ValueError(f"ParallelConfig.vpp must be None or an int >= 1, got {self.vpp!r}")
+            if self.vpp > 1 and self.pp == 1:
+                raise ValueError(f"ParallelConfig.vpp = {self.vpp} needs pp > 1 (got pp = 1)")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("ParallelConfig.sequence_parallel needs tp > 1 (got tp = 1)")
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks one model replica spans: ``tp * pp * cp``."""
+        return self.tp * self.pp * self.cp
+
+    @property
+    def num_virtual_stages(self) -> int:
+        """Model chunks per rank (1 without interleaving)."""
+        return self.vpp or 1
+
+    def seq_multiple(self) -> int:
+        """Every (packed) sequence's length must be a multiple of this: ``2*cp`` for CP, times tp with SP."""
+        return (2 * self.cp if self.cp > 1 else 1) * (self.tp if self.sequence_parallel else 1)
+
+
+def validate_layout(config: ParallelConfig, *, world_size: int, num_attention_heads: int | None = None,
+                    num_query_groups: int | None = None, num_layers: int | None = None,
+                    vocab_size: int | None = None, seq_length: int | None = None,
+                    on_cpu: bool | None = None) -> int:
+    """Check that ``config`` fits the job and the model; return the data-parallel size.
+
+    Raises ``ValueError`` naming the offending numbers, before any group or model exists.
+    ``seq_length`` (optional) is checked against the CP/SP padding rule (:meth:`ParallelConfig.seq_multiple`).
+    ``vocab_size`` is not checked for divisibility: ``models.hf_config`` pads the vocabulary to a multiple
+    of tp. ``on_cpu`` defaults to "CUDA is not available" and rejects the GPU-only features.
+    """
+    c = config
+    mp = c.model_parallel_size
+    if world_size < 1 or world_size % mp:
+        raise ValueError(f"world size {world_size} is not divisible by tp*pp*cp = {mp} "
+                         f"(tp={c.tp}, pp={c.pp}, cp={c.cp})")
+    if num_attention_heads is not None and num_attention_heads % c.tp:
+        raise ValueError(f"num_attention_heads {num_attention_heads} is not divisible by tp = {c.tp}")
+    if num_query_groups is not None and num_query_groups % c.tp:
+        raise ValueError(f"num_query_groups (KV heads) {num_query_groups} is not divisible by tp = {c.tp}; "
+                         f"choose tp dividing {num_query_groups}")
+    if num_layers is not None:
+        stages = c.pp * c.num_virtual_stages
+        if num_layers % stages:
+            raise ValueError(f"num_layers {num_layers} is not divisible by pp*vpp = {stages} "
+                             f"(pp={c.pp}, vpp={c.num_virtual_stages})")
+    if seq_length is not None and seq_length % c.seq_multiple():
+        sp = f", times tp={c.tp} for sequence parallelism" if c.sequence_parallel else ""
+        raise ValueError(f"sequence length {seq_length} is not a multiple of {c.seq_multiple()} "
+                         f"(2*cp with cp={c.cp}{sp}); pad each sequence with parallel.cp_layout.padded_length")
+    if on_cpu is None:
+        on_cpu = not torch.cuda.is_available()
+    if on_cpu and c.sequence_parallel:
+        raise ValueError("ParallelConfig.sequence_parallel is GPU-only in megatron-core; set it False on CPU")
+    if on_cpu and c.use_distributed_optimizer:
+        raise ValueError("ParallelConfig.use_distributed_optimizer is GPU-only in megatron-core; set it False on CPU")
+    del vocab_size
+    return world_size // mp
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParallelGroups:
+    """Sizes, ranks and process groups of this rank, for every axis. Pass it explicitly; don't re-query."""
+
+    config: ParallelConfig
+    world_size: int
+    rank: int
+    tp_size: int
+    pp_size: int
+    cp_size: int
+    dp_size: int
+    tp_rank: int
+    pp_rank: int
+    cp_rank: int
+    dp_rank: int
+    tp_group: Any
+    pp_group: Any
+    cp_group: Any
+    dp_group: Any
+    dp_cp_group: Any  # data x context parallel: where gradients are reduced and token counts summed
+    tp_cp_group: Any
+    mp_group: Any  # tensor x pipeline (x context) model-parallel group
+    embedding_group: Any  # first and last stage (tied word embeddings under PP)
+    is_first_stage: bool
+    is_last_stage: bool
+    pg_collection: Any = None  # megatron.core.process_groups_config.ProcessGroupCollection when it exists
+
+    @property
+    def vpp_size(self) -> int:
+        """Virtual stages (model chunks) per rank."""
+        return self.config.num_virtual_stages
+
+
+def _init_torch_distributed() -> None:
+    # torchrun sets the env vars; tests (run_distributed) initialise gloo themselves before calling us.
+    if dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:
+        raise RuntimeError("torch.distributed is not initialised and WORLD_SIZE is unset: launch with torchrun")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+
+
+def _current_layout(ps) -> tuple[int, int, int, int | None]:
+    return (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+            ps.get_context_parallel_world_size(), ps.get_virtual_pipeline_model_parallel_world_size())
+
+
+def initialize_parallel(config: ParallelConfig, *, hf_config=None, seed: int = 1234,
+                        distributed_timeout_minutes: int = 30) -> ParallelGroups:
+    """Initialise torch.distributed (if needed) and Megatron's model-parallel groups; return the bundle.
+
+    Idempotent for the same ``config``; a different layout in the same process needs
+    :func:`destroy_parallel` first. With ``hf_config`` the layout is checked against the model (heads,
+    KV heads, layers) before anything is created. Seeds Megatron's RNG tracker so TP ranks draw
+    per-rank streams and all ranks of a stage agree on the default stream (``seed + 100 * pp_rank``,
+    as Megatron's own training does).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    apply_cpu_compat()
+    _init_torch_distributed()
+    world_size = dist.get_world_size()
+    model_kw = {}
+    if hf_config is not None:
+        model_kw = dict(num_attention_heads=hf_config.num_attention_heads,
+                        num_query_groups=getattr(hf_config, "num_key_value_heads", None)
+                        or hf_config.num_attention_heads,
+                        num_layers=hf_config.num_hidden_layers)
+    dp = validate_layout(config, world_size=world_size, **model_kw)
+
+    want = (config.tp, config.pp, config.cp, config.vpp if config.vpp and config.vpp > 1 else None)
+    if ps.model_parallel_is_initialized():
+        if _current_layout(ps) != want:
+            raise ValueError(f"Megatron is already initialised with (tp, pp, cp, vpp) = {_current_layout(ps)}, "
+                             f"not {want}; call destroy_parallel() first")
+    else:
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=config.tp, pipeline_model_parallel_size=config.pp,
+            virtual_pipeline_model_parallel_size=want[3], context_parallel_size=config.cp,
+            distributed_timeout_minutes=distributed_timeout_minutes)
+        pp_rank = ps.get_pipeline_model_parallel_rank()
+        torch.manual_seed(seed + 100 * pp_rank)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed(seed + 100 * pp_rank)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed + 100 * pp_rank)
+        logger.info("parallel layout: tp=%d pp=%d cp=%d vpp=%s dp=%d (world %d)", config.tp, config.pp,
+                    config.cp, want[3], dp, world_size)
+
+    pg_collection = _process_group_collection()
+    return ParallelGroups(
+        config=config, world_size=world_size, rank=dist.get_rank(),
+        tp_size=config.tp, pp_size=config.pp, cp_size=config.cp, dp_size=dp,
+        tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+        cp_rank=ps.get_context_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
+        tp_group=ps.get_tensor_model_parallel_group(), pp_group=ps.get_pipeline_model_parallel_group(),
+        cp_group=ps.get_context_parallel_group(), dp_group=ps.get_data_parallel_group(),
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+        tp_cp_group=ps.get_tensor_and_context_parallel_group(),
+        mp_group=ps.get_model_parallel_group(), embedding_group=ps.get_embedding_group(check_initialized=False),
+        is_first_stage=ps.is_pipeline_first_stage(ignore_virtual=True),
+        is_last_stage=ps.is_pipeline_last_stage(ignore_virtual=True),
+        pg_collection=pg_collection,
+    )
+
+
+def _process_group_collection():
+    """Megatron's ProcessGroupCollection of the groups just initialised; None where the API is missing."""
+    try:
+        from megatron.core.process_groups_config import ProcessGroupCollection
+    except ImportError:  # megatron-core without the explicit-group API
+        return None
+    try:
+        return ProcessGroupCollection.use_mpu_process_groups()
+    except Exception as err:  # a getter of some optional group (MoE, hybrid CP) missing in this version
+        logger.debug("full ProcessGroupCollection unavailable (%s); using the dense-model groups", err)
+        return ProcessGroupCollection.use_mpu_process_groups(
+            required_pgs=["tp", "pp", "mp", "embd", "pos_embd", "cp", "tp_cp", "dp", "dp_cp"])
+
+
+def destroy_parallel() -> None:
+    """Tear down Megatron's model-parallel groups (not torch.distributed), e.g. to switch layouts."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
