@@ -77,6 +77,12 @@ def _teardown_megatron() -> None:
 def run_distributed(fn: Callable[..., Any], world_size: int, *, args: tuple = (), kwargs: dict | None = None,
                     timeout: float = 300.0, env: dict[str, str] | None = None) -> list[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks; return results by rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # Forked children would inherit the parent's process group and hang in its teardown.
+        raise RuntimeError("run_distributed needs a parent process without a torch.distributed process group; "
+                           "a test left one initialised (destroy it, or run that test in run_distributed too)")
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="fipo_dist_") as tmp:

@@ -1,0 +1,85 @@
+"""``ActorConfig``: how the Megatron actor batches, recomputes and optimises (verl-style names)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+RECOMPUTE = ("none", "full", "selective")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ActorConfig:
+    """Actor settings. Defaults are the FIPO 32B recipe's optimiser (spec §6).
+
+    Fields:
+        ppo_mini_batch_size: prompts per optimizer step; a mini-batch is ``ppo_mini_batch_size * n``
+            samples (n responses per prompt). A step of 512 prompts with 64 per mini-batch makes 8 updates.
+        ppo_epochs: passes over the step's data.
+        max_tokens_per_micro_batch: token budget of one packed micro-batch (padded tokens, before the CP
+            split); a longer single sample gets a micro-batch of its own.
+        logprob_chunk_size: tokens per chunk in the vocab-parallel log-prob (memory ~ chunk x V/tp x 4 B).
+        lr: peak learning rate, reached after ``lr_warmup_steps`` training steps, then constant.
+        lr_warmup_steps: linear warm-up from 0, counted in training steps (``update`` calls), as verl's
+            actor steps its scheduler; every mini-batch of a step uses that step's lr (0: constant).
+        weight_decay: decoupled (AdamW) weight decay.
+        adam_beta1, adam_beta2, adam_eps: Adam hyper-parameters.
+        clip_grad: global grad-norm clip (0 disables clipping).
+        params_dtype: "float32" | "bfloat16" parameters (bf16 keeps fp32 main weights in the optimizer).
+        recompute: activation recomputation: "none" | "full" (every layer) | "selective" (core attention).
+        use_distributed_optimizer: shard optimizer state over DP (GPU only).
+        seed: RNG seed (model init before weights are loaded, dropout if any).
+    """
+
+    ppo_mini_batch_size: int = 64
+    ppo_epochs: int = 1
+    max_tokens_per_micro_batch: int = 16384
+    logprob_chunk_size: int = 2048
+    lr: float = 1e-6
+    lr_warmup_steps: int = 10
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    params_dtype: str = "bfloat16"
+    recompute: str = "none"
+    use_distributed_optimizer: bool = False
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        for name in ("ppo_mini_batch_size", "ppo_epochs", "max_tokens_per_micro_batch", "logprob_chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ActorConfig.{name} must be an int >= 1, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"ActorConfig.lr must be > 0, got {self.lr!r}")
+        if not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0:
+            raise ValueError(f"ActorConfig.lr_warmup_steps must be an int >= 0, got {self.lr_warmup_steps!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"ActorConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ActorConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"ActorConfig.adam_eps must be > 0, got {self.adam_eps!r}")
+        if self.clip_grad < 0:
+            raise ValueError(f"ActorConfig.clip_grad must be >= 0 (0 disables), got {self.clip_grad!r}")
+        if self.params_dtype not in PARAMS_DTYPES:
+            raise ValueError(f"ActorConfig.params_dtype must be one of {sorted(PARAMS_DTYPES)}, got {self.params_dtype!r}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"ActorConfig.recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
+
+    @property
+    def torch_params_dtype(self) -> torch.dtype:
+        return PARAMS_DTYPES[self.params_dtype]
+
+    def recompute_overrides(self) -> dict:
+        """``TransformerConfig`` fields for the chosen activation recomputation."""
+        if self.recompute == "full":
+            return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        if self.recompute == "selective":
+            return dict(recompute_granularity="selective")
+        return {}

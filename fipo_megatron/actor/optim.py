@@ -1,0 +1,117 @@
+"""Megatron DDP wrapping, optimizer and LR schedule for the actor.
+
+- DDP: ``megatron.core.distributed.DistributedDataParallel`` with fp32 gradient buffers, one per model
+  chunk (bucketing only on the first chunk, as Megatron-LM does for interleaved pipelines).
+- The loss is reported to Megatron *per token* (``calculate_per_token_loss``): DDP then sums gradients
+  over DP x CP instead of averaging, and ``finalize_model_grads`` divides by the all-reduced token count
+  the loss function returned. That is exactly the global token mean of spec §5 (see ``actor/step.py``).
+- Optimizer: ``get_megatron_optimizer`` (Adam with decoupled weight decay, global grad-norm clipping,
+  fp32 main weights for bf16 parameters, the distributed optimizer when asked on GPU).
+- Schedule: ``OptimizerParamScheduler``, linear warm-up from 0 to ``lr`` over ``lr_warmup_steps`` optimizer
+  steps, then constant (the recipes' schedule); weight decay constant.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from fipo_megatron.actor.config import ActorConfig
+
+# Megatron's scheduler needs a decay horizon even for a constant schedule; it is never reached.
+_CONSTANT_HORIZON = 10**9
+
+
+def _supported(cls, **kwargs) -> dict:
+    """Keep only the keyword arguments ``cls`` accepts (fields differ across megatron-core versions)."""
+    params = inspect.signature(cls).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+# Megatron modules on the DDP / optimizer path that allocate on "cuda" (grad buffers, the FP32 optimizer's
+# unit loss scale). TODO(parallel/cpu_compat owner): fold these into cpu_compat._PROXIED_MODULES.
+_DDP_CPU_MODULES = (
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.utils",  # local_multi_tensor_l2_norm (grad norm without apex/TE)
+)
+
+
+def _cpu_compat_for_ddp() -> None:
+    """On CPU, give the DDP/optimizer modules the same ``torch`` proxy ``parallel.cpu_compat`` installs."""
+    import importlib
+
+    from fipo_megatron.parallel import cpu_compat
+
+    if not cpu_compat.cpu_compat_active():
+        return
+    proxy = cpu_compat._TorchOnCpu()
+    for name in _DDP_CPU_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if isinstance(getattr(module, "torch", None), type(torch)):
+            module.torch = proxy
+
+
+def wrap_ddp(model_chunks: list, *, transformer_config, use_distributed_optimizer: bool, pg_collection=None) -> list:
+    """Wrap each chunk in Megatron's DDP (fp32 grad buffers, no overlap: the schedule syncs at the end)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    _cpu_compat_for_ddp()
+
+    ddp_config = DistributedDataParallelConfig(**_supported(
+        DistributedDataParallelConfig, grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer, check_for_nan_in_grad=False))
+    wrapped = []
+    for i, chunk in enumerate(model_chunks):
+        kwargs = dict(config=transformer_config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+        if pg_collection is not None and "pg_collection" in inspect.signature(DistributedDataParallel).parameters:
+            kwargs["pg_collection"] = pg_collection
+        wrapped.append(DistributedDataParallel(**kwargs))
+    return wrapped
+
+
+def build_optimizer(model_chunks: list, *, actor_config: ActorConfig):
+    """``(optimizer, scheduler)`` for DDP-wrapped ``model_chunks``."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    c = actor_config
+    bf16 = c.torch_params_dtype == torch.bfloat16
+    opt_config = OptimizerConfig(**_supported(
+        OptimizerConfig, optimizer="adam", lr=c.lr, min_lr=0.0, weight_decay=c.weight_decay,
+        adam_beta1=c.adam_beta1, adam_beta2=c.adam_beta2, adam_eps=c.adam_eps, clip_grad=c.clip_grad,
+        bf16=bf16, params_dtype=c.torch_params_dtype, use_distributed_optimizer=c.use_distributed_optimizer))
+    optimizer = get_megatron_optimizer(opt_config, model_chunks)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=c.lr, min_lr=c.lr, lr_warmup_steps=c.lr_warmup_steps,
+        lr_decay_steps=_CONSTANT_HORIZON, lr_decay_style="constant", start_wd=c.weight_decay,
+        end_wd=c.weight_decay, wd_incr_steps=_CONSTANT_HORIZON, wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def current_lr(optimizer) -> float:
+    """The learning rate of the first parameter group (all groups share it here)."""
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def grads_finite(model_chunks: list) -> bool:
+    """Whether this rank's gradients (DDP fp32 buffers after the DP reduction) are all finite."""
+    found_bad = False
+    for chunk in model_chunks:
+        buffers = list(getattr(chunk, "buffers", []) or []) + list(getattr(chunk, "expert_parallel_buffers", []) or [])
+        if buffers:
+            found_bad |= any(not bool(torch.isfinite(b.grad_data).all()) for b in buffers)
+            continue
+        for p in chunk.parameters():  # not DDP-wrapped: look at the plain grads
+            g = getattr(p, "main_grad", None)
+            g = p.grad if g is None else g
+            if g is not None and not bool(torch.isfinite(g).all()):
+                found_bad = True
+    return not found_bad

@@ -1,0 +1,251 @@
+"""Megatron distributed checkpoints (``dist_checkpointing``, torch_dist backend): layout-free, atomic.
+
+    save_megatron_checkpoint(ckpt_dir, model_chunks, optimizer=None, extra_state={"step": 10})
+    extra = load_megatron_checkpoint(ckpt_dir, model_chunks, optimizer=None)
+
+Every tensor is stored as its *global* tensor (all TP shards, all layers of all PP stages), so a
+checkpoint saved at one (tp, pp, vpp, dp) loads at any other. This works on CPU/gloo as on GPU: the
+torch_dist backend is ``torch.distributed.checkpoint`` with a file-system writer; only the
+fully-parallel *load* (which exchanges tensors over NCCL) is GPU-only and is used only with CUDA.
+
+Atomicity: all ranks write into ``<ckpt_dir>.tmp-<pid of rank 0>``; after every rank finished (barrier)
+rank 0 renames it to ``ckpt_dir`` (moving an existing one aside first), so a crash never leaves a
+half checkpoint under the final name. The model chunks are stored under ``model`` (one chunk) or
+``model0``, ``model1``, ... (virtual pipeline), as Megatron-LM does.
+
+Host memory: a model-only load writes the SwiGLU ``linear_fc1`` halves straight into the parameters
+(no merge copy), and ``save_megatron_checkpoint(..., consume_model=True)`` (offline conversion) copies
+view-backed shards one parameter at a time; both keep the peak near one copy of the model
+(docs/benchmarks/convert.md).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from fipo_megatron.log import get_logger
+
+logger = get_logger(__name__)
+
+EXTRA_STATE_FILE = "fipo_extra_state.pt"
+FORMAT_FILE = "fipo_checkpoint.json"
+# Sharding choices recorded in the checkpoint and replayed on load (Megatron-LM does the same), so a
+# newer megatron-core with other defaults still builds the sharded state dict the files were written with.
+_CONTENT_METADATA = {"singleton_local_shards": False}
+
+
+def _unwrap(chunk):
+    # DDP / Float16Module wrappers keep the GPTModel under `.module`. They inherit MegatronModule's
+    # sharded_state_dict (which would prefix every key with "module."), so unwrap them all.
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _model_keys(num_chunks: int) -> list[str]:
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
+def _sharded_state_dict(model_chunks: Sequence[torch.nn.Module], optimizer, metadata: dict, *, is_loading: bool):
+    state: dict[str, Any] = {}
+    for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
+        state[key] = _unwrap(chunk).sharded_state_dict(metadata=dict(metadata))
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=dict(metadata))
+    return state
+
+
+def _dp_cp_group():
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        return ps.get_data_parallel_group(with_context_parallel=True)
+    return None
+
+
+def _save_strategy():
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    try:
+        strategy = TorchDistSaveShardedStrategy()  # megatron-core >= 0.17: torch_dist is the only backend
+    except TypeError:
+        strategy = TorchDistSaveShardedStrategy("torch_dist", 1)  # 0.16 takes backend and version
+    group = _dp_cp_group()
+    if group is not None and dist.get_world_size(group) > 1:
+        # Spread the writing of DP-replicated tensors over the DP ranks (metadata exchange only: gloo-safe).
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+        strategy = FullyParallelSaveStrategyWrapper(strategy, group)
+    return strategy
+
+
+def _load_strategy():
+    group = _dp_cp_group()
+    if not torch.cuda.is_available() or group is None or dist.get_world_size(group) == 1:
+        return None  # the default torch_dist load strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+
+    return FullyParallelLoadStrategyWrapper(TorchDistLoadShardedStrategy(), group)
+
+
+def _clone_views_and_release_params(state: dict, model_chunks: Sequence[torch.nn.Module]) -> None:
+    """Give every view-backed shard its own memory, freeing each parameter once its views are copied.
+
+    torch_dist clones, all at once, every shard that is a view of a larger storage (the SwiGLU
+    ``linear_fc1`` halves: 40% of a Qwen2 model). Doing it here one parameter at a time and releasing
+    the parameter keeps the peak at one model copy. The model is unusable afterwards.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    apply_factories(state)
+    params = {p.untyped_storage().data_ptr(): p for c in model_chunks for p in _unwrap(c).parameters()}
+    views: dict[int, list] = {}
+    for value in nested_values(state):
+        if isinstance(value, ShardedTensor) and isinstance(value.data, torch.Tensor):
+            t = value.data
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                views.setdefault(t.untyped_storage().data_ptr(), []).append(value)
+    for ptr, shards in views.items():
+        for sh in shards:
+            sh.data = sh.data.clone()
+        if ptr in params:
+            params[ptr].data = torch.empty(0, dtype=params[ptr].dtype, device=params[ptr].device)
+
+
+def _build_model_factories(state: dict, num_chunks: int) -> dict[str, dict[str, list[torch.Tensor]]]:
+    """Turn the model's sharded-tensor factories into their shards (views of the parameters) before loading.
+
+    Megatron's load would otherwise ``torch.cat`` the two SwiGLU ``linear_fc1`` halves of every layer
+    into new tensors and only then copy them into the parameters (+40% memory for a Qwen2 model at
+    once); loading straight into the views needs no merge. Returns ``{model key: {name: [views]}}``.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory, apply_factories
+
+    views: dict[str, dict[str, list[torch.Tensor]]] = {}
+    for key in _model_keys(num_chunks):
+        names = [n for n, v in state[key].items() if isinstance(v, ShardedTensorFactory)]
+        apply_factories(state[key])
+        for name in names:
+            built = state[key][name]
+            built = built if isinstance(built, list) else [built]
+            views.setdefault(key, {})[name] = [sh.data for sh in built]
+    return views
+
+
+def _broadcast_path(path: Path | None) -> Path:
+    obj = [str(path) if path is not None else None]
+    dist.broadcast_object_list(obj, src=0)
+    return Path(obj[0])
+
+
+def save_megatron_checkpoint(ckpt_dir: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], *,
+                             optimizer=None, extra_state: dict | None = None, consume_model: bool = False) -> Path:
+    """Save ``model_chunks`` (and the Megatron ``optimizer``'s state) as a dist checkpoint, atomically.
+
+    Collective: every rank calls it with its own chunks. ``extra_state`` (picklable: step counters,
+    scheduler and data-loader state) is taken from rank 0 and returned by :func:`load_megatron_checkpoint`.
+    An existing ``ckpt_dir`` is replaced. Returns the final path. ``consume_model``: the caller drops the
+    model after saving (offline conversion), so parameters may be freed while saving to lower the peak.
+    """
+    from megatron.core import dist_checkpointing
+
+    final = Path(ckpt_dir).absolute()
+    tmp = None
+    if dist.get_rank() == 0:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    tmp = _broadcast_path(tmp)
+    try:
+        state = _sharded_state_dict(model_chunks, optimizer, _CONTENT_METADATA, is_loading=False)
+        if consume_model:
+            _clone_views_and_release_params(state, model_chunks)
+        kwargs = {}
+        if "content_metadata" in inspect.signature(dist_checkpointing.save).parameters:
+            kwargs["content_metadata"] = dict(_CONTENT_METADATA)
+        dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(), **kwargs)
+        if dist.get_rank() == 0:
+            torch.save(extra_state or {}, tmp / EXTRA_STATE_FILE)
+            info = {"format": "megatron_dist_ckpt", "num_model_chunks": len(model_chunks),
+                    "has_optimizer": optimizer is not None}
+            (tmp / FORMAT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        dist.barrier()
+    except BaseException:
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dist.get_rank() == 0:
+        old = None
+        if final.exists():
+            old = final.with_name(f"{final.name}.old-{os.getpid()}")
+            os.rename(final, old)
+        os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("saved Megatron checkpoint %s", final)
+    dist.barrier()
+    return final
+
+
+def load_megatron_checkpoint(ckpt_dir: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], *,
+                             optimizer=None, strict: bool = True) -> dict:
+    """Load a dist checkpoint into ``model_chunks`` (any layout) and optionally ``optimizer``; return extra_state.
+
+    Collective. ``strict``: every model tensor must be in the checkpoint (ValueError naming the absent
+    ones); absent ``_extra_state`` objects are tolerated. The checkpoint may hold more than is
+    requested (e.g. optimizer state when ``optimizer`` is None).
+    Tensors are cast to each parameter's dtype (a bf16 checkpoint loads into fp32 parameters).
+    """
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "metadata.json").is_file():
+        raise FileNotFoundError(f"not a Megatron dist checkpoint (no metadata.json): {ckpt_dir}")
+    metadata = dict(_CONTENT_METADATA)
+    if hasattr(dist_checkpointing, "load_content_metadata"):  # megatron-core >= 0.14
+        metadata.update(dist_checkpointing.load_content_metadata(str(ckpt_dir)) or {})
+    if optimizer is not None:
+        info_path = ckpt_dir / FORMAT_FILE
+        if info_path.is_file() and not json.loads(info_path.read_text()).get("has_optimizer", True):
+            raise ValueError(f"checkpoint {ckpt_dir} holds no optimizer state (it was saved without an optimizer)")
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    state = _sharded_state_dict(model_chunks, optimizer, metadata, is_loading=True)
+    in_place = _build_model_factories(state, len(model_chunks)) if optimizer is None else {}
+    # RETURN_ALL drops requested keys the checkpoint lacks instead of failing inside torch DCP; we then
+    # fail for any real tensor but tolerate absent ``_extra_state`` objects (FP8 / TE module metadata),
+    # so a checkpoint written by the local spec (e.g. the offline converter) loads into a TE model.
+    loaded, _, absent = dist_checkpointing.load(state, str(ckpt_dir), sharded_strategy=_load_strategy(),
+                                                strict=StrictHandling.RETURN_ALL)
+    absent_tensors = sorted(k for k in absent if not k.endswith("_extra_state"))
+    if absent_tensors and strict:
+        raise ValueError(f"checkpoint {ckpt_dir} lacks {len(absent_tensors)} tensors this model needs, "
+                         f"e.g. {absent_tensors[:5]}")
+    for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
+        for name, views in in_place.get(key, {}).items():
+            for view, tensor in zip(views, loaded[key].pop(name, [])):
+                if tensor.data_ptr() != view.data_ptr():  # a strategy that loaded into new memory
+                    with torch.no_grad():
+                        view.copy_(tensor)
+        result = _unwrap(chunk).load_state_dict(loaded[key], strict=False)
+        done = in_place.get(key, {})
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state") and k not in done]
+        if strict and (missing or result.unexpected_keys):
+            raise ValueError(f"loading {ckpt_dir} into {key}: missing {missing[:5]}, "
+                             f"unexpected {result.unexpected_keys[:5]}")
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    extra_path = ckpt_dir / EXTRA_STATE_FILE
+    return torch.load(extra_path, weights_only=False) if extra_path.is_file() else {}

@@ -1,0 +1,177 @@
+"""The rollout protocol: what the trainer asks of any generation engine, and the engine registry.
+
+Every engine (SGLang, vLLM, the embedded transformers engine) implements ``RolloutEngine``. The trainer
+only ever calls these methods, so engines swap behind one small surface (design principle 9):
+
+    engine = get_engine("auto", hf_config=cfg)          # sglang on CUDA if importable, else vllm, else embedded
+    outs = engine.generate([[1, 2, 3]], SamplingParams(temperature=1.0, max_new_tokens=64))
+    for bucket in export_buckets(...):                   # weights/export.py
+        engine.update_weights(bucket)
+    engine.finish_weight_update()
+
+Log-prob convention (all engines): ``RolloutOutput.log_probs[t]`` is the log-probability of the sampled
+token ``token_ids[t]`` under ``log_softmax(logits / temperature)``: temperature applied, *before* top-k /
+top-p truncation (the truncation is a sampling device, not part of the policy). That is exactly what the
+actor computes (``TrainBatch.temperature``), so the train/rollout mismatch metric compares like with like.
+With temperature 0 (greedy) the log-probs are of ``log_softmax(logits)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Protocol, runtime_checkable
+
+import torch
+
+from fipo_megatron.log import get_logger
+
+logger = get_logger(__name__)
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to sample one batch of responses.
+
+    ``temperature``: 0 means greedy (argmax); otherwise logits are divided by it. ``top_p`` in (0, 1]
+    (1 = off), ``top_k`` a positive count or -1 (off). ``max_new_tokens``: response length limit.
+    ``n``: responses per prompt (outputs are grouped: the n responses of prompt 0 first).
+    ``stop_token_ids``: extra ids that end a response (EOS always does); the stop token is kept in
+    ``token_ids``. ``seed``: makes sampling reproducible on engines that support it (None = random).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 256
+    n: int = 1
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not (self.temperature >= 0.0):
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k != -1 and self.top_k < 1:
+            raise ValueError(f"SamplingParams.top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+        # Accept any iterable of ints (yaml gives lists) but store a tuple so the dataclass stays hashable.
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"SamplingParams.stop_token_ids must be non-negative, got {self.stop_token_ids}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(kw_only=True)
+class RolloutOutput:
+    """One response. ``log_probs[t]`` belongs to ``token_ids[t]`` (see the module docstring for which
+    distribution). ``finish_reason`` is "stop" (EOS or a stop id, included as the last token) or
+    "length" (``max_new_tokens`` reached). ``prompt_index`` is the index of its prompt in the request."""
+
+    token_ids: list[int]
+    log_probs: list[float]
+    finish_reason: FinishReason
+    prompt_index: int = 0
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if len(self.token_ids) != len(self.log_probs):
+            raise ValueError(f"RolloutOutput.log_probs has {len(self.log_probs)} entries for "
+                             f"{len(self.token_ids)} token_ids")
+        if self.finish_reason not in ("stop", "length"):
+            raise ValueError(f"RolloutOutput.finish_reason must be 'stop' or 'length', got {self.finish_reason!r}")
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """A generation engine the trainer drives. Weight sync is bucketed: ``update_weights`` is called once
+    per bucket of HF-named *full* (unsharded) tensors, then ``finish_weight_update`` once."""
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[RolloutOutput]:
+        """Sample ``sampling.n`` responses per prompt; outputs grouped by prompt, in prompt order."""
+        ...
+
+    def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        """Load one bucket of HF-named full tensors into the engine's model."""
+        ...
+
+    def finish_weight_update(self) -> None:
+        """Called after the last bucket of a sync (flush prefix/KV caches, post-process weights)."""
+        ...
+
+    def release_memory(self) -> None:
+        """Free the engine's GPU memory (weights and KV cache) while the trainer runs."""
+        ...
+
+    def resume_memory(self) -> None:
+        """Take the memory back before the next ``update_weights``/``generate``."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop the engine and everything it started."""
+        ...
+
+
+EngineFactory = Callable[..., RolloutEngine]
+_ENGINES: dict[str, EngineFactory] = {}
+
+
+def register_engine(name: str) -> Callable[[EngineFactory], EngineFactory]:
+    """Decorator: register ``factory(**kwargs) -> RolloutEngine`` under ``name``."""
+
+    def deco(factory: EngineFactory) -> EngineFactory:
+        if name in _ENGINES and _ENGINES[name] is not factory:
+            raise ValueError(f"rollout engine {name!r} is already registered")
+        _ENGINES[name] = factory
+        return factory
+
+    return deco
+
+
+def _ensure_builtin_engines() -> None:
+    # Importing the modules registers their factories; the heavy deps (sglang, vllm) stay lazy inside them.
+    from fipo_megatron.rollout import embedded, sglang_engine, vllm_engine  # noqa: F401
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def resolve_engine_name(name: str) -> str:
+    """Map "auto" to a concrete engine: sglang if importable and CUDA, else vllm (same), else embedded."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        for candidate in ("sglang", "vllm"):
+            if _importable(candidate):
+                return candidate
+    return "embedded"
+
+
+def get_engine(name: str = "auto", **kwargs: Any) -> RolloutEngine:
+    """Build the engine registered as ``name`` ("auto" picks, see ``resolve_engine_name``)."""
+    _ensure_builtin_engines()
+    resolved = resolve_engine_name(name)
+    if resolved not in _ENGINES:
+        raise ValueError(f"unknown rollout engine {name!r}; registered: {sorted(_ENGINES)} (or 'auto')")
+    if resolved != name:
+        logger.info("rollout engine 'auto' resolved to %r", resolved)
+    return _ENGINES[resolved](**kwargs)
+
+
+def registered_engines() -> list[str]:
+    """Names of all registered engines."""
+    _ensure_builtin_engines()
+    return sorted(_ENGINES)

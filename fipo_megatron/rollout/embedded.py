@@ -1,0 +1,211 @@
+"""The embedded rollout engine: a transformers causal LM on CPU or one GPU, sampled in our own decode loop.
+
+It is the default where no server engine (SGLang, vLLM) is installed: the CPU demo and CI use it, and it
+is the reference the other engines' log-prob conventions are checked against. The decode loop is ours
+(not ``model.generate``) so that it returns, per sampled token, the log-prob under
+``log_softmax(logits / temperature)`` (see ``rollout/base.py``) without a second forward pass.
+
+    engine = EmbeddedEngine(hf_config=cfg)               # random init; weights arrive by update_weights
+    engine = EmbeddedEngine(model_path="/ckpt/Qwen2.5-0.5B", device="cuda")
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fipo_megatron.log import get_logger
+from fipo_megatron.rollout.base import RolloutOutput, SamplingParams, register_engine
+from fipo_megatron.rollout.sampling import sample_next_token
+
+logger = get_logger(__name__)
+
+
+def _from_pretrained_or_config(*, model_path, hf_config, dtype):
+    import transformers
+
+    # transformers >= 4.56 names the argument ``dtype``; older releases (>= 4.45 supported) ``torch_dtype``.
+    for key in ("dtype", "torch_dtype"):
+        try:
+            if model_path is not None:
+                return transformers.AutoModelForCausalLM.from_pretrained(model_path, **{key: dtype})
+            return transformers.AutoModelForCausalLM.from_config(hf_config, **{key: dtype})
+        except TypeError:
+            continue
+    raise RuntimeError("could not build the transformers model with either dtype= or torch_dtype=")
+
+
+def _as_ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
+def _new_cache(config):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=config)  # transformers >= 4.56 sizes layer types from the config
+    except TypeError:
+        return DynamicCache()
+
+
+class EmbeddedEngine:
+    """``RolloutEngine`` over a transformers causal LM (batched, KV-cached, left-padded decode).
+
+    Build from ``model_path`` (an HF model dir) or from ``hf_config`` (random init, to be synced by
+    ``update_weights``), or wrap an existing ``model``. ``eos_token_ids`` defaults to the config's
+    ``eos_token_id`` (int or list). ``max_batch_size`` bounds how many sequences decode together.
+    ``strict_sync``: ``finish_weight_update`` raises if some parameter received no tensor in that sync
+    (tied parameters count once).
+    """
+
+    def __init__(self, *, model_path: str | None = None, hf_config=None, model: torch.nn.Module | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 eos_token_ids: list[int] | int | None = None, pad_token_id: int | None = None,
+                 max_batch_size: int = 64, strict_sync: bool = True):
+        if sum(x is not None for x in (model_path, hf_config, model)) != 1:
+            raise ValueError("EmbeddedEngine needs exactly one of model_path, hf_config, model")
+        if max_batch_size < 1:
+            raise ValueError(f"EmbeddedEngine.max_batch_size must be >= 1, got {max_batch_size}")
+        if model is None:
+            model = _from_pretrained_or_config(model_path=model_path, hf_config=hf_config, dtype=dtype)
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        config = self.model.config
+        if eos_token_ids is None:
+            # Chat models list their end-of-turn id only in generation_config.json (e.g. Qwen2.5's
+            # <|im_end|>); stop at the union of both.
+            generation = getattr(self.model, "generation_config", None)
+            eos_token_ids = _as_ids(getattr(config, "eos_token_id", None)) + _as_ids(getattr(generation, "eos_token_id", None))
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(_as_ids(eos_token_ids)))
+        if pad_token_id is None:
+            pad_token_id = getattr(config, "pad_token_id", None)
+        self.pad_token_id = int(pad_token_id if pad_token_id is not None else (self.eos_token_ids or (0,))[0])
+        self.max_batch_size = max_batch_size
+        self.strict_sync = strict_sync
+        # state_dict(keep_vars=True) lists tied parameters under every alias (lm_head.weight and
+        # model.embed_tokens.weight share storage when tie_word_embeddings), so either name loads.
+        self._params: dict[str, torch.Tensor] = dict(self.model.state_dict(keep_vars=True))
+        self._received: set[int] = set()
+        self._released = False
+
+    # ---------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[RolloutOutput]:
+        if any(len(p) == 0 for p in prompt_token_ids):
+            raise ValueError("EmbeddedEngine.generate: every prompt needs at least one token")
+        if self._released:
+            raise RuntimeError("EmbeddedEngine.generate called after release_memory() without resume_memory()")
+        requests = [(i, p) for i, p in enumerate(prompt_token_ids) for _ in range(sampling.n)]
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(sampling.seed)
+        outputs: list[RolloutOutput] = []
+        for start in range(0, len(requests), self.max_batch_size):
+            chunk = requests[start:start + self.max_batch_size]
+            outputs.extend(self._generate_batch(chunk, sampling, generator))
+        return outputs
+
+    def _generate_batch(self, requests, sampling: SamplingParams, generator) -> list[RolloutOutput]:
+        num_seqs = len(requests)
+        max_len = max(len(p) for _, p in requests)
+        # Left padding: the next token of every row is predicted at the same column.
+        input_ids_BL = torch.full((num_seqs, max_len), self.pad_token_id, dtype=torch.long)
+        mask_BL = torch.zeros((num_seqs, max_len), dtype=torch.long)
+        for b, (_, prompt) in enumerate(requests):
+            input_ids_BL[b, max_len - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask_BL[b, max_len - len(prompt):] = 1
+        input_ids_BL, mask_BL = input_ids_BL.to(self.device), mask_BL.to(self.device)
+        position_ids_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
+        stop_ids = torch.tensor(sorted(set(self.eos_token_ids) | set(sampling.stop_token_ids)),
+                                dtype=torch.long, device=self.device)
+
+        cache = _new_cache(self.model.config)
+        tokens: list[list[int]] = [[] for _ in range(num_seqs)]
+        logps: list[list[float]] = [[] for _ in range(num_seqs)]
+        finished_B = torch.zeros(num_seqs, dtype=torch.bool, device=self.device)
+        step_ids, step_pos = input_ids_BL, position_ids_BL
+        for _ in range(sampling.max_new_tokens):
+            out = self.model(input_ids=step_ids, attention_mask=mask_BL, position_ids=step_pos,
+                             past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits_BV = out.logits[:, -1, :].float()
+            next_B, logp_B = sample_next_token(logits_BV, sampling=sampling, generator=generator)
+            next_l, logp_l, done_l = next_B.tolist(), logp_B.tolist(), finished_B.tolist()
+            for b in range(num_seqs):
+                if not done_l[b]:
+                    tokens[b].append(next_l[b])
+                    logps[b].append(logp_l[b])
+            finished_B |= torch.isin(next_B, stop_ids)
+            if bool(finished_B.all()):
+                break
+            # Finished rows keep decoding a pad token (cheaper than reshaping the cache); their output is ignored.
+            step_ids = torch.where(finished_B, self.pad_token_id, next_B).unsqueeze(-1)
+            step_pos = step_pos[:, -1:] + 1
+            mask_BL = torch.cat([mask_BL, torch.ones_like(mask_BL[:, :1])], dim=-1)
+
+        stop_set = set(stop_ids.tolist())
+        return [RolloutOutput(token_ids=tokens[b], log_probs=logps[b], prompt_index=requests[b][0],
+                              finish_reason="stop" if tokens[b] and tokens[b][-1] in stop_set else "length")
+                for b in range(num_seqs)]
+
+    @torch.no_grad()
+    def score(self, sequences: list[list[int]], *, temperature: float = 1.0) -> list[list[float]]:
+        """Log-probs of tokens 1..n-1 of each sequence under ``log_softmax(logits / temperature)`` (one
+        unpadded forward per sequence): the engine-side view used by sync checks and mismatch tests."""
+        out = []
+        for seq in sequences:
+            ids = torch.tensor([seq], dtype=torch.long, device=self.device)
+            logits = self.model(input_ids=ids).logits[0, :-1].float()
+            if temperature > 0:
+                logits = logits / temperature
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
+            out.append(logp.tolist())
+        return out
+
+    # ---------------------------------------------------------------- weights
+    @torch.no_grad()
+    def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        unknown = [name for name, _ in named_tensors if name not in self._params]
+        if unknown:
+            raise ValueError(f"EmbeddedEngine.update_weights: {len(unknown)} unknown parameter name(s) "
+                             f"{unknown[:20]}; the model has e.g. {sorted(self._params)[:8]}")
+        for name, tensor in named_tensors:
+            param = self._params[name]
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise ValueError(f"EmbeddedEngine.update_weights: {name} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(param.shape)}")
+            param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+            self._received.add(param.data_ptr())
+
+    def finish_weight_update(self) -> None:
+        missing = sorted({name for name, p in self._params.items() if p.data_ptr() not in self._received})
+        self._received.clear()
+        if missing:
+            msg = f"EmbeddedEngine: weight sync did not update {len(missing)} tensor(s): {missing[:20]}"
+            if self.strict_sync:
+                raise ValueError(msg)
+            logger.warning(msg)
+
+    # ---------------------------------------------------------------- memory
+    def release_memory(self) -> None:
+        # On CPU there is nothing to give back; on GPU the weights wait in host memory.
+        if self.device.type == "cuda":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+            self._released = True
+
+    def resume_memory(self) -> None:
+        if self._released:
+            self.model.to(self.device)
+            self._params = dict(self.model.state_dict(keep_vars=True))
+            self._released = False
+
+    def shutdown(self) -> None:
+        self.release_memory()
+
+
+@register_engine("embedded")
+def _make_embedded(**kwargs) -> EmbeddedEngine:
+    return EmbeddedEngine(**kwargs)

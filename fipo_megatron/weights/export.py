@@ -1,0 +1,284 @@
+"""Megatron TP/PP shards -> HF-named full tensors, streamed in buckets (rollout weight sync, HF export).
+
+    # usual entry point (weights/transport.py): every rank calls it, the engine's rank has a transport
+    sync_weights(actor.model_chunks, groups=groups, hf_config=hf_config, transport=transport_for(engine))
+
+    # the generator underneath: every rank runs the loop, only receiving ranks get buckets
+    for bucket in export_hf_buckets(actor.model_chunks, groups=groups, hf_config=hf_config, bucket_bytes=512 << 20):
+        engine.update_weights(bucket)
+    engine.finish_weight_update()
+
+How it moves data:
+
+- Each pipeline stage exports only its own layers, under global layer names (``models.sharding``).
+- CP and DP replicas hold identical weights: only the replica with ``dp_rank == cp_rank == 0`` works;
+  the other ranks return at once (they take part in no collective of the export).
+- A bucket is a run of consecutive parameters whose *full* size stays within ``bucket_bytes`` (a tensor
+  larger than that travels alone). Its TP shards are flattened into one byte buffer and gathered with a
+  single TP all-gather; the full tensors are rebuilt by ``models.sharding.gather_tp_shards`` and split into
+  HF tensors by the checkpoint mapping (``checkpoint.registry.get_mapping``). The next bucket's
+  all-gather is in flight while the current one is consumed, so peak extra memory on a rank is about
+  ``3 * bucket_bytes``; the whole model is never materialised anywhere.
+- ``destination="rank0"``: every bucket ends at global rank 0 (stage 0 first, then stages 1..pp-1, each
+  sent point-to-point from the stage's exporting rank); for an engine living in rank 0's process.
+  ``destination="stage"``: each stage's exporting rank (tp_rank 0) yields its own buckets, for transports
+  that every stage can reach by itself (disk, an NCCL group per stage).
+- Order is deterministic: stages in order; within a stage, model-chunk then parameter order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from fipo_megatron.log import get_logger
+from fipo_megatron.models.sharding import gather_tp_shards, local_params, partition_dim
+
+logger = get_logger(__name__)
+
+DESTINATIONS = ("rank0", "stage")
+NamedTensors = list[tuple[str, torch.Tensor]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Entry:
+    name: str                 # canonical global Megatron name
+    param: torch.Tensor
+    tp_sharded: bool
+
+    def shard_bytes(self) -> int:
+        return self.param.numel() * self.param.element_size()
+
+
+def plan_buckets(entries: list[_Entry], *, bucket_bytes: int, tp_size: int) -> list[list[_Entry]]:
+    """Greedy, order-preserving split into buckets of at most ``bucket_bytes`` full bytes (an oversized
+    tensor gets a bucket of its own). Identical on every TP rank: shard sizes agree across TP."""
+    buckets: list[list[_Entry]] = []
+    current: list[_Entry] = []
+    current_bytes = 0
+    for e in entries:
+        full = e.shard_bytes() * (tp_size if e.tp_sharded else 1)
+        if current and current_bytes + full > bucket_bytes:
+            buckets.append(current)
+            current, current_bytes = [], 0
+        current.append(e)
+        current_bytes += full
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+_ALIGN = 16  # every tensor starts 16-byte aligned in a packed buffer, so mixed dtypes view back safely
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _layout(nbytes: list[int]) -> tuple[list[int], int]:
+    offsets, total = [], 0
+    for n in nbytes:
+        offsets.append(total)
+        total += -(-n // _ALIGN) * _ALIGN
+    return offsets, total
+
+
+def pack_bytes(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors' bytes into one flat uint8 buffer (16-byte aligned starts; see ``unpack_bytes``)."""
+    offsets, total = _layout([t.numel() * t.element_size() for t in tensors])
+    flat = torch.empty(total, dtype=torch.uint8, device=tensors[0].device if tensors else "cpu")
+    for t, off in zip(tensors, offsets):
+        b = _as_bytes(t)
+        flat[off:off + b.numel()].copy_(b)
+    return flat
+
+
+def unpack_bytes(flat: torch.Tensor, specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+    """Views of ``flat`` as tensors of the given (shape, dtype), inverse of ``pack_bytes``."""
+    sizes = [torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size() for shape, dtype in specs]
+    offsets, _ = _layout(sizes)
+    return [flat[off:off + n].view(dtype).view(shape) for (shape, dtype), off, n in zip(specs, offsets, sizes)]
+
+
+def packed_size(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> int:
+    """Bytes ``pack_bytes`` needs for tensors of these (shape, dtype)."""
+    return _layout([torch.Size(s).numel() * torch.empty(0, dtype=d).element_size() for s, d in specs])[1]
+
+
+def _start_all_gather_bytes(flat: torch.Tensor, group, size: int):
+    """Launch one all-gather of a flat byte buffer; returns (work or None, per-rank views of the output)."""
+    out = torch.empty(size * flat.numel(), dtype=torch.uint8, device=flat.device)
+    # torch >= 2.13 renames all_gather_into_tensor to all_gather_single (the old name warns).
+    gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    try:
+        work = gather_single(out, flat, group=group, async_op=True)
+    except (RuntimeError, AttributeError, NotImplementedError):  # backends without the fused form (old gloo)
+        work = dist.all_gather(list(out.chunk(size)), flat, group=group, async_op=True)
+    return work, list(out.chunk(size))
+
+
+@dataclasses.dataclass(kw_only=True)
+class _InFlight:
+    bucket: list[_Entry]
+    sharded: list[_Entry]
+    work: object = None
+    per_rank: list[torch.Tensor] | None = None
+    packed: torch.Tensor | None = None  # keeps the send buffer alive until the collective completes
+
+
+def _start_bucket(bucket: list[_Entry], *, groups) -> _InFlight:
+    """Pack this rank's TP shards of the bucket and launch their all-gather (asynchronously)."""
+    sharded = [e for e in bucket if e.tp_sharded and groups.tp_size > 1]
+    state = _InFlight(bucket=bucket, sharded=sharded)
+    if sharded:
+        state.packed = pack_bytes([e.param for e in sharded])
+        state.work, state.per_rank = _start_all_gather_bytes(state.packed, groups.tp_group, groups.tp_size)
+    return state
+
+
+def _finish_bucket(state: _InFlight) -> list[tuple[str, torch.Tensor]]:
+    """Wait for the bucket's all-gather; full Megatron tensors (on every TP rank of the replica)."""
+    gathered: dict[str, torch.Tensor] = {}
+    if state.sharded:
+        if state.work is not None:
+            state.work.wait()
+        specs = [(tuple(e.param.shape), e.param.dtype) for e in state.sharded]
+        per_rank_tensors = [unpack_bytes(buf, specs) for buf in state.per_rank]
+        for i, e in enumerate(state.sharded):
+            gathered[e.name] = gather_tp_shards(e.name, [tensors[i] for tensors in per_rank_tensors])
+    return [(e.name, gathered.get(e.name, e.param.detach())) for e in state.bucket]
+
+
+def _to_hf(full: list[tuple[str, torch.Tensor]], *, mapping, dtype, device) -> NamedTensors:
+    out: NamedTensors = []
+    for name, tensor in full:
+        for hf_name, hf_tensor in mapping.megatron_to_hf(name, tensor):
+            hf_tensor = hf_tensor.to(device=device or hf_tensor.device, dtype=dtype or hf_tensor.dtype)
+            # Contiguous views of the bucket's gathered tensors are fine: they live as long as the bucket.
+            out.append((hf_name, hf_tensor.contiguous()))
+    return out
+
+
+def _send_bucket(bucket: NamedTensors, dst: int) -> None:
+    meta = [(n, tuple(t.shape), t.dtype) for n, t in bucket]
+    dist.send_object_list([meta], dst=dst)
+    if bucket:
+        dist.send(pack_bytes([t for _, t in bucket]), dst=dst)
+
+
+def _recv_bucket(src: int, device) -> NamedTensors:
+    holder: list = [None]
+    dist.recv_object_list(holder, src=src)
+    meta = holder[0]
+    if not meta:
+        return []
+    specs = [(shape, dtype) for _, shape, dtype in meta]
+    flat = torch.empty(packed_size(specs), dtype=torch.uint8, device=device)
+    dist.recv(flat, src=src)
+    return [(name, t) for (name, _, _), t in zip(meta, unpack_bytes(flat, specs))]
+
+
+def export_hf_buckets(model_chunks, *, groups, hf_config=None, mapping=None, bucket_bytes: int = 512 << 20,
+                      destination: str = "rank0", dtype: torch.dtype | None = None,
+                      device: str | torch.device | None = None) -> Iterator[NamedTensors]:
+    """Yield buckets of ``(hf_name, full tensor)`` on the receiving rank(s); see the module docstring.
+
+    Every rank of the job must exhaust the iterator (it drives collectives). ``mapping`` defaults to
+    ``get_mapping(hf_config)`` with the model's padded vocabulary; padded vocab rows are dropped.
+    ``dtype``/``device``: cast/move exported tensors (e.g. bf16 for the engine); default: as trained.
+    """
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    if destination not in DESTINATIONS:
+        raise ValueError(f"destination must be one of {DESTINATIONS}, got {destination!r}")
+    if mapping is None:
+        if hf_config is None:
+            raise ValueError("export_hf_buckets needs hf_config or mapping")
+        from fipo_megatron.checkpoint.registry import get_mapping
+        from fipo_megatron.models.hf_config import padded_vocab_size
+
+        mapping = get_mapping(hf_config, padded_vocab_size=padded_vocab_size(hf_config, tp=groups.tp_size))
+    if groups.dp_rank != 0 or groups.cp_rank != 0:
+        return  # an identical replica exports; this one has nothing to do
+    entries = []
+    for name, (_, param, _) in local_params(model_chunks).items():
+        if name == "output_layer.weight" and mapping.tie_word_embeddings:
+            continue  # the last stage's copy of the tied embedding; stage 0 exports the original
+        entries.append(_Entry(name=name, param=param, tp_sharded=partition_dim(name) is not None))
+    buckets = plan_buckets(entries, bucket_bytes=bucket_bytes, tp_size=groups.tp_size)
+    logger.debug("weight export: stage %d, %d tensors in %d buckets of <= %d bytes", groups.pp_rank,
+                 len(entries), len(buckets), bucket_bytes)
+    is_sender = groups.tp_rank == 0
+    pp_ranks = dist.get_process_group_ranks(groups.pp_group) if groups.pp_size > 1 else [dist.get_rank()]
+    comm_device = next((e.param.device for e in entries), torch.device("cpu"))
+
+    def local_hf_buckets() -> Iterator[NamedTensors]:
+        # Double buffering: bucket k+1's all-gather runs while bucket k is rebuilt and consumed.
+        pending = _start_bucket(buckets[0], groups=groups) if buckets else None
+        for k in range(len(buckets)):
+            current = pending
+            pending = _start_bucket(buckets[k + 1], groups=groups) if k + 1 < len(buckets) else None
+            full = _finish_bucket(current)
+            if is_sender:
+                yield _to_hf(full, mapping=mapping, dtype=dtype, device=device)
+
+    if destination == "stage" or groups.pp_size == 1:
+        if destination == "stage" or groups.pp_rank == 0:
+            yield from local_hf_buckets()
+        return
+    # destination == "rank0" with pp > 1: stage 0's exporting rank is global rank 0 (tp=cp=dp=0, pp=0)
+    # and receives the other stages' buckets through the PP group's point-to-point links.
+    if groups.pp_rank == 0:
+        yield from local_hf_buckets()
+        if is_sender:
+            for stage in range(1, groups.pp_size):
+                num_buckets = torch.zeros(1, dtype=torch.long, device=comm_device)
+                dist.recv(num_buckets, src=pp_ranks[stage])
+                for _ in range(int(num_buckets.item())):
+                    yield [(n, t.to(device) if device else t) for n, t in _recv_bucket(pp_ranks[stage], comm_device)]
+    else:
+        if is_sender:
+            dist.send(torch.tensor([len(buckets)], dtype=torch.long, device=comm_device), dst=pp_ranks[0])
+        for bucket in local_hf_buckets():
+            _send_bucket([(n, t.to(comm_device)) for n, t in bucket], pp_ranks[0])
+
+
+def hf_names_and_shapes(model_chunks, *, groups, hf_config=None, mapping=None) -> list[tuple[str, tuple[int, ...]]]:
+    """The (HF name, shape) list a sync sends, computed without moving any tensor data: what an engine
+    (SGLang ``update_weights_from_distributed`` / vLLM ``load_weights``) will be asked to load."""
+    if mapping is None:
+        from fipo_megatron.checkpoint.registry import get_mapping
+        from fipo_megatron.models.hf_config import padded_vocab_size
+
+        mapping = get_mapping(hf_config, padded_vocab_size=padded_vocab_size(hf_config, tp=groups.tp_size))
+    out = []
+    for name, (_, param, _) in local_params(model_chunks).items():
+        if name == "output_layer.weight" and mapping.tie_word_embeddings:
+            continue
+        full_shape = mapping.expected_shape(name)
+        meta = torch.empty(full_shape, device="meta", dtype=param.dtype)
+        out.extend((hf, tuple(t.shape)) for hf, t in mapping.megatron_to_hf(name, meta))
+    return out
+
+
+def check_against_hf_state_dict(sent: list[tuple[str, tuple[int, ...]]], hf_shapes: dict[str, tuple[int, ...]], *,
+                                tied_word_embeddings: bool = False) -> None:
+    """ValueError listing missing, unexpected, duplicated and mis-shaped names when what a sync sends
+    (``sent``: (HF name, shape)) does not cover the HF model's own state dict (``hf_shapes``) exactly.
+    With tied embeddings ``lm_head.weight`` is the embedding and need not be sent."""
+    expected = dict(hf_shapes)
+    if tied_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    names = [n for n, _ in sent]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    got = dict(sent)
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(f"{n}: sent {tuple(got[n])}, model has {tuple(expected[n])}"
+                   for n in set(got) & set(expected) if tuple(got[n]) != tuple(expected[n]))
+    if missing or unexpected or wrong or duplicated:
+        raise ValueError(f"weight sync does not match the HF model: missing {missing}, unexpected {unexpected}, "
+                         f"duplicated {duplicated}, wrong shapes {wrong}")

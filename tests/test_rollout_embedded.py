@@ -1,0 +1,143 @@
+"""The embedded engine against transformers itself: greedy == HF generate, top-k=1 == greedy, returned
+log-probs == a full-forward recomputation, EOS/stop ids end a response, seeds reproduce, weight updates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fipo_megatron.rollout.base import RolloutEngine, SamplingParams, get_engine
+from fipo_megatron.rollout.embedded import EmbeddedEngine
+from fipo_megatron.testing.tiny_models import tiny_hf_model
+
+PROMPTS = [[5, 17, 33, 2, 90], [7], [100, 101, 102, 103, 104, 105, 106, 11], [42, 42]]
+
+
+def _sharp_model(family="qwen2", seed=0):
+    # Random tiny models have flat logits; scaling the output layer makes the argmax well separated, so
+    # padded-vs-unpadded float rounding cannot flip a greedy choice.
+    model = tiny_hf_model(family, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+def _full_forward_logp(model, prompt, response, temperature):
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double()
+    if temperature > 0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+
+
+def test_greedy_matches_hf_generate_and_top_k_1():
+    model = _sharp_model("qwen2")
+    engine = EmbeddedEngine(model=model, eos_token_ids=[], max_batch_size=3)  # 4 prompts -> 2 batches
+    assert isinstance(engine, RolloutEngine)
+    outs = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=12))
+    topk1 = engine.generate(PROMPTS, SamplingParams(temperature=1.3, top_k=1, max_new_tokens=12, seed=3))
+    for i, prompt in enumerate(PROMPTS):
+        ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             do_sample=False, max_new_tokens=12, min_new_tokens=12, eos_token_id=None,
+                             pad_token_id=0)[0, len(prompt):].tolist()
+        assert outs[i].token_ids == ref, f"prompt {i}"
+        assert outs[i].prompt_index == i and outs[i].finish_reason == "length"
+        assert topk1[i].token_ids == ref
+        torch.testing.assert_close(torch.tensor(outs[i].log_probs, dtype=torch.float64),
+                                   _full_forward_logp(model, prompt, ref, 0.0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_sampled_log_probs_match_full_forward(family):
+    model = tiny_hf_model(family, seed=1)
+    engine = EmbeddedEngine(model=model, eos_token_ids=[])
+    sampling = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=10, n=2, seed=11)
+    outs = engine.generate(PROMPTS, sampling)
+    assert [o.prompt_index for o in outs] == [0, 0, 1, 1, 2, 2, 3, 3]
+    max_err = 0.0
+    for out in outs:
+        ref = _full_forward_logp(model, PROMPTS[out.prompt_index], out.token_ids, 0.7)
+        max_err = max(max_err, (torch.tensor(out.log_probs, dtype=torch.float64) - ref).abs().max().item())
+    assert max_err < 1e-5, max_err
+    # Same seed, same samples; another seed gives other samples.
+    again = engine.generate(PROMPTS, sampling)
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs]
+    other = engine.generate(PROMPTS, SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=10, n=2, seed=12))
+    assert [o.token_ids for o in other] != [o.token_ids for o in outs]
+
+
+def test_eos_and_stop_ids_end_responses():
+    model = _sharp_model("qwen2")
+    free = EmbeddedEngine(model=model, eos_token_ids=[])
+    greedy = free.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=8))
+    eos = greedy[0].token_ids[3]
+    engine = EmbeddedEngine(model=model, eos_token_ids=[eos])
+    outs = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=8))
+    for full, out in zip(greedy, outs):
+        if eos in full.token_ids:
+            cut = full.token_ids.index(eos) + 1
+            assert out.token_ids == full.token_ids[:cut] and out.finish_reason == "stop"
+            assert out.log_probs == pytest.approx(full.log_probs[:cut], abs=1e-6)
+        else:
+            assert out.token_ids == full.token_ids and out.finish_reason == "length"
+    assert len(outs[0].token_ids) <= 4
+    stop = greedy[1].token_ids[1]
+    outs = free.generate(PROMPTS[1:2], SamplingParams(temperature=0.0, max_new_tokens=8, stop_token_ids=[stop]))
+    assert outs[0].token_ids[-1] == stop and outs[0].finish_reason == "stop"
+    assert outs[0].token_ids == greedy[1].token_ids[:greedy[1].token_ids.index(stop) + 1]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])  # tied and untied embeddings
+def test_update_weights_loads_another_model(family):
+    source = _sharp_model(family, seed=5)
+    engine = get_engine("embedded", hf_config=source.config)
+    sd = source.state_dict()
+    names = list(sd)
+    # Two buckets, as a bucketed sync sends them; tied lm_head arrives under either name.
+    if family == "qwen2":
+        names = [n for n in names if n != "lm_head.weight"]
+    engine.update_weights([(n, sd[n]) for n in names[: len(names) // 2]])
+    engine.update_weights([(n, sd[n]) for n in names[len(names) // 2:]])
+    engine.finish_weight_update()
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=6)
+    ref = EmbeddedEngine(model=source, eos_token_ids=[]).generate(PROMPTS, sampling)
+    engine.eos_token_ids = ()
+    got = engine.generate(PROMPTS, sampling)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+
+    with pytest.raises(ValueError, match="unknown parameter name.*model.layers.9.mlp.up_proj.weight"):
+        engine.update_weights([("model.layers.9.mlp.up_proj.weight", torch.zeros(1))])
+    with pytest.raises(ValueError, match="shape"):
+        engine.update_weights([("model.norm.weight", torch.zeros(3))])
+    engine.update_weights([(names[0], sd[names[0]])])
+    with pytest.raises(ValueError, match="did not update"):
+        engine.finish_weight_update()
+
+
+def test_sampling_params_validation_and_auto_engine():
+    for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=0), dict(max_new_tokens=0), dict(n=0)):
+        field = next(iter(bad))
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**bad)
+    assert SamplingParams(stop_token_ids=[3, 4]).stop_token_ids == (3, 4)
+    if not torch.cuda.is_available():
+        model = tiny_hf_model("qwen2")
+        assert isinstance(get_engine("auto", model=model), EmbeddedEngine)
+    with pytest.raises(ValueError, match="unknown rollout engine"):
+        get_engine("nope")
+
+
+def test_build_from_model_dir_and_memory_calls(tmp_path):
+    model = _sharp_model("llama", seed=2)
+    model.save_pretrained(tmp_path)
+    from_dir = EmbeddedEngine(model_path=str(tmp_path), eos_token_ids=[])
+    in_memory = EmbeddedEngine(model=model, eos_token_ids=[])
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=5)
+    from_dir.release_memory()   # CPU: nothing to give back, the engine stays usable after resume
+    from_dir.resume_memory()
+    assert [o.token_ids for o in from_dir.generate(PROMPTS, sampling)] == \
+        [o.token_ids for o in in_memory.generate(PROMPTS, sampling)]
+    with pytest.raises(ValueError, match="exactly one"):
+        EmbeddedEngine(model=model, model_path=str(tmp_path))
+    from_dir.shutdown()
