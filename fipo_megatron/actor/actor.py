@@ -220,9 +220,9 @@ class MegatronActor:
     # ------------------------------------------------------------------ weights and checkpoints
     def load_hf_weights(self, hf_dir: str) -> None:
         """Load a Hugging Face checkpoint directory (safetensors) into this rank's shards."""
-        from fipo_megatron.actor.weights import load_hf_weights
+        from fipo_megatron.checkpoint.convert import load_hf_into_model
 
-        load_hf_weights(self.model_chunks, hf_dir=hf_dir, hf_config=self.hf_config, groups=self.groups)
+        load_hf_into_model([unwrap(c) for c in self.model_chunks], hf_dir, groups=self.groups, hf_config=self.hf_config)
         self.optimizer.reload_model_params()
 
     def load_full_state_dict(self, full_state_dict: dict[str, torch.Tensor]) -> None:

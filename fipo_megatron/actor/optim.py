@@ -29,41 +29,9 @@ def _supported(cls, **kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-# Megatron modules on the DDP / optimizer path that allocate on "cuda" (grad buffers, the FP32 optimizer's
-# unit loss scale). TODO(parallel/cpu_compat owner): fold these into cpu_compat._PROXIED_MODULES.
-_DDP_CPU_MODULES = (
-    "megatron.core.distributed.param_and_grad_buffer",
-    "megatron.core.distributed.distributed_data_parallel",
-    "megatron.core.distributed.finalize_model_grads",
-    "megatron.core.optimizer.optimizer",
-    "megatron.core.optimizer.distrib_optimizer",
-    "megatron.core.utils",  # local_multi_tensor_l2_norm (grad norm without apex/TE)
-)
-
-
-def _cpu_compat_for_ddp() -> None:
-    """On CPU, give the DDP/optimizer modules the same ``torch`` proxy ``parallel.cpu_compat`` installs."""
-    import importlib
-
-    from fipo_megatron.parallel import cpu_compat
-
-    if not cpu_compat.cpu_compat_active():
-        return
-    proxy = cpu_compat._TorchOnCpu()
-    for name in _DDP_CPU_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if isinstance(getattr(module, "torch", None), type(torch)):
-            module.torch = proxy
-
-
 def wrap_ddp(model_chunks: list, *, transformer_config, use_distributed_optimizer: bool, pg_collection=None) -> list:
     """Wrap each chunk in Megatron's DDP (fp32 grad buffers, no overlap: the schedule syncs at the end)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    _cpu_compat_for_ddp()
 
     ddp_config = DistributedDataParallelConfig(**_supported(
         DistributedDataParallelConfig, grad_reduce_in_fp32=True, overlap_grad_reduce=False,
