@@ -1,0 +1,7 @@
+"""``python -m fipo_megatron --config CONFIG.yaml [dotted.key=value ...]`` (see ``fipo_megatron.cli``)."""
+
+import sys
+
+from fipo_megatron.cli import main
+
+sys.exit(main())

@@ -1,0 +1,384 @@
+"""The run configuration: one typed, frozen dataclass per component, composed in ``FipoConfig``.
+
+    cfg = load_config("examples/configs/tiny_cpu.yaml", overrides=["actor.ppo_mini_batch_size=4"])
+    save_config(cfg, "runs/x/config.yaml")          # the resolved config; load_config reads it back
+
+Components that own a config keep it (one source of truth): ``PolicyLossConfig`` (algo/),
+``ParallelConfig`` (parallel/), ``ActorConfig`` (actor/), ``SamplingParams`` (rollout/). The YAML keeps
+the released FIPO/verl recipe's names, so two YAML sections feed two dataclasses each:
+
+- ``actor:`` holds ``ActorConfig`` fields (``ppo_mini_batch_size``, ``lr`` ...) *and* ``PolicyLossConfig``
+  fields (``clip_ratio_low/high/c``, ``loss_agg_mode``, ``decay_rate``, ``future_kl_clip_ratio`` ...),
+  as verl's ``actor_rollout_ref.actor``; they land in ``cfg.actor`` and ``cfg.policy_loss``.
+- ``rollout:`` holds ``RolloutConfig`` fields (``engine`` ...) and ``SamplingParams`` fields (``n``,
+  ``temperature``, ``top_p`` ...); they land in ``cfg.rollout`` and ``cfg.sampling``.
+  ``max_new_tokens`` is not settable there: it is ``data.max_response_length``.
+
+Every error (unknown key, wrong type, bad value) is a ``ValueError`` naming the full dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from fipo_megatron.actor.config import ActorConfig
+from fipo_megatron.algo.policy_loss import PolicyLossConfig
+from fipo_megatron.config_loader import build_dataclass, merge_nested, parse_overrides, to_plain
+from fipo_megatron.parallel.topology import ParallelConfig
+from fipo_megatron.rollout.base import SamplingParams
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyntheticTaskConfig:
+    """The synthetic verifiable task of the CPU demo (``data/synthetic.py``); used when ``enable``."""
+
+    enable: bool = False
+    task: Literal["copy_digit", "add_mod"] = "copy_digit"
+    num_digits: int = 5        # answer alphabet size: sets the random model's hit rate (~1/vocab)
+    prompt_digits: int = 1     # digits shown in the prompt
+    num_train: int = 4096
+    num_val: int = 64
+
+    def __post_init__(self):
+        if not 2 <= self.num_digits <= 10:
+            raise ValueError(f"num_digits must be in [2, 10], got {self.num_digits}")
+        if self.prompt_digits < 1:
+            raise ValueError(f"prompt_digits must be >= 1, got {self.prompt_digits}")
+        if self.task == "add_mod" and self.prompt_digits < 2:
+            raise ValueError("prompt_digits must be >= 2 for task add_mod")
+        if self.num_train < 1 or self.num_val < 0:
+            raise ValueError(f"num_train must be >= 1 and num_val >= 0, got {self.num_train}, {self.num_val}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Prompt data (verl / DAPO-Math-17k layout) and the batch geometry of a step.
+
+    ``train_batch_size`` prompts per step (each sampled ``rollout.n`` times); ``gen_batch_size`` prompts
+    per generation batch when dynamic sampling needs several (defaults to ``train_batch_size``).
+    Prompts longer than ``max_prompt_length`` tokens are counted and skipped, never truncated.
+    ``chat_template``: apply the tokenizer's chat template; otherwise ``raw_template`` formats the last
+    message's content (``{content}``).
+    """
+
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    prompt_key: str = "prompt"
+    ground_truth_key: str = "reward_model.ground_truth"
+    data_source_key: str = "data_source"
+    chat_template: bool = True
+    raw_template: str = "{content}"
+    train_batch_size: int = 512
+    gen_batch_size: int | None = None
+    max_prompt_length: int = 2048
+    max_response_length: int = 20480
+    shuffle: bool = True
+    seed: int = 1
+    synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
+
+    def __post_init__(self):
+        for name in ("train_batch_size", "max_prompt_length", "max_response_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.gen_batch_size is not None and self.gen_batch_size < 1:
+            raise ValueError(f"gen_batch_size must be >= 1, got {self.gen_batch_size}")
+        if not self.synthetic.enable and not self.train_files:
+            raise ValueError("train_files is empty (give parquet/jsonl paths, or enable data.synthetic)")
+        if self.synthetic.enable and (self.train_files or self.val_files):
+            raise ValueError("train_files/val_files must be empty when data.synthetic.enable is true")
+        if "{content}" not in self.raw_template:
+            raise ValueError(f"raw_template must contain '{{content}}', got {self.raw_template!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The policy: an HF checkpoint directory, or ``tiny:<family>`` (a random tiny model of
+    ``testing.tiny_models``, for the CPU demo and tests; ``tiny_overrides`` go to its config)."""
+
+    path: str = ""
+    tokenizer_path: str | None = None
+    tiny_overrides: dict = field(default_factory=dict)
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if not self.path:
+            raise ValueError("path is empty (an HF model directory or tiny:<qwen2|llama|qwen3>)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    """Which engine generates (``engine_kwargs`` go to its factory, e.g. SGLang's ``tp_size``), the weight-sync
+    bucket size, and validation sampling. Training sampling (``n``, ``temperature``, ``top_p``, ``top_k``,
+    ``seed``) is ``SamplingParams``, in the same YAML section."""
+
+    engine: str = "auto"
+    engine_kwargs: dict = field(default_factory=dict)
+    sync_bucket_mb: int = 512      # weight-sync bucket: peak extra memory ~2x this on the exporting ranks
+    val_n: int = 1
+    val_temperature: float = 1.0
+    val_top_p: float = 0.7
+
+    def __post_init__(self):
+        if self.val_n < 1:
+            raise ValueError(f"val_n must be >= 1, got {self.val_n}")
+        if self.sync_bucket_mb < 1:
+            raise ValueError(f"sync_bucket_mb must be >= 1, got {self.sync_bucket_mb}")
+        if not 0.0 < self.val_top_p <= 1.0:
+            raise ValueError(f"val_top_p must be in (0, 1], got {self.val_top_p}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OverlongBufferConfig:
+    """DAPO overlong shaping (spec §6): penalty ``min(-(len - (L - len_buf)) / len_buf * factor, 0)``."""
+
+    enable: bool = True
+    len: int = 4096
+    penalty_factor: float = 1.0
+
+    def __post_init__(self):
+        if self.len < 1:
+            raise ValueError(f"len must be >= 1, got {self.len}")
+        if self.penalty_factor < 0:
+            raise ValueError(f"penalty_factor must be >= 0, got {self.penalty_factor}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardConfig:
+    """``reward_fn``: a registered reward ("dapo_math", "math_verify", "synthetic"); "auto" picks
+    "synthetic" for the synthetic task and "dapo_math" otherwise. Each call runs under ``timeout_s``
+    (a hung verifier scores as wrong and is counted), in threads or, with ``num_workers > 0``, in a pool of
+    processes (``data.scoring.ScoreRunner``)."""
+
+    reward_fn: str = "auto"
+    timeout_s: float = 10.0
+    num_workers: int = 0       # 0: threads (cheap rules); > 0: a process pool (CPU-heavy verifiers)
+    overlong_buffer: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
+
+    def __post_init__(self):
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.reward_fn not in ("auto", "synthetic", "math_verify"):
+            from fipo_megatron.algo.rewards import get_reward_fn
+
+            try:
+                get_reward_fn(self.reward_fn)
+            except (KeyError, ValueError) as exc:
+                raise ValueError(f"reward_fn {self.reward_fn!r} is not registered ({exc})") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class FilterGroupsConfig:
+    """DAPO dynamic sampling: drop groups whose ``metric`` is identical for all responses."""
+
+    enable: bool = True
+    metric: Literal["acc", "score", "seq_reward"] = "acc"
+    max_num_gen_batches: int = 10
+
+    def __post_init__(self):
+        if self.max_num_gen_batches < 0:
+            raise ValueError(f"max_num_gen_batches must be >= 0 (0 = unlimited), got {self.max_num_gen_batches}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlgorithmConfig:
+    """Advantage estimator and dynamic sampling (the loss itself is ``actor.*`` / PolicyLossConfig)."""
+
+    adv_estimator: str = "grpo"
+    norm_adv_by_std_in_grpo: bool = True
+    filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
+
+    def __post_init__(self):
+        from fipo_megatron.algo.advantages import get_advantage
+
+        try:
+            get_advantage(self.adv_estimator)
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"adv_estimator {self.adv_estimator!r} is not registered ({exc})") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Run checkpoints under ``<run_dir>/checkpoints``: every ``save_interval`` steps (0 = never, and at
+    the end), the last ``keep_last`` kept. ``resume``: "auto" (latest if any), "never", or a path."""
+
+    save_interval: int = 50
+    keep_last: int = 2
+    resume: str = "auto"
+    save_at_end: bool = True
+
+    def __post_init__(self):
+        if self.save_interval < 0:
+            raise ValueError(f"save_interval must be >= 0, got {self.save_interval}")
+        if self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    """Metrics go to ``<run_dir>/metrics.jsonl`` always; TensorBoard and wandb when enabled.
+    ``mismatch_interval``: how often to compare the actor's log-probs with the engine's (``rollout/logprob_*``);
+    it costs one forward pass unless the actor exposes its old log-probs (then it is logged every step)."""
+
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "fipo_megatron"
+    wandb_run_name: str | None = None
+    progress_bar: bool = True
+    mismatch_interval: int = 10   # train/rollout log-prob mismatch every N steps (0 = never)
+
+    def __post_init__(self):
+        if self.mismatch_interval < 0:
+            raise ValueError(f"mismatch_interval must be >= 0, got {self.mismatch_interval}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    """Run length and bookkeeping. ``run_dir`` "" means ``runs/<experiment_name>``. The run length is
+    ``total_training_steps`` (the prompt sampler wraps into new epochs as needed)."""
+
+    total_training_steps: int = 100
+    seed: int = 1
+    run_dir: str = ""
+    experiment_name: str = "fipo"
+    val_interval: int = 0
+    val_before_train: bool = False
+
+    def __post_init__(self):
+        if self.total_training_steps < 1:
+            raise ValueError(f"total_training_steps must be >= 1, got {self.total_training_steps}")
+        if self.val_interval < 0:
+            raise ValueError(f"val_interval must be >= 0, got {self.val_interval}")
+
+
+# YAML section -> (FipoConfig attribute, dataclass) pairs that share it.
+_SECTIONS: dict[str, tuple[tuple[str, type], ...]] = {
+    "data": (("data", DataConfig),),
+    "model": (("model", ModelConfig),),
+    "rollout": (("rollout", RolloutConfig), ("sampling", SamplingParams)),
+    "reward": (("reward", RewardConfig),),
+    "algorithm": (("algorithm", AlgorithmConfig),),
+    "actor": (("actor", ActorConfig), ("policy_loss", PolicyLossConfig)),
+    "parallel": (("parallel", ParallelConfig),),
+    "checkpoint": (("checkpoint", CheckpointConfig),),
+    "logging": (("logging", LoggingConfig),),
+    "trainer": (("trainer", TrainerConfig),),
+}
+# Keys another section determines: the user sets the source, never the copy.
+_DERIVED = {("rollout", "max_new_tokens"): "data.max_response_length"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class FipoConfig:
+    """Everything one run needs; built by :func:`load_config` and validated across components."""
+
+    data: DataConfig
+    model: ModelConfig
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self):
+        d, a = self.data, self.actor
+        if self.sampling.max_new_tokens != d.max_response_length:
+            raise ValueError(f"rollout.max_new_tokens ({self.sampling.max_new_tokens}) must equal "
+                             f"data.max_response_length ({d.max_response_length})")
+        if d.train_batch_size % a.ppo_mini_batch_size:
+            raise ValueError(f"data.train_batch_size ({d.train_batch_size}) must be a multiple of "
+                             f"actor.ppo_mini_batch_size ({a.ppo_mini_batch_size})")
+        if self.reward.overlong_buffer.enable and self.reward.overlong_buffer.len >= d.max_response_length:
+            raise ValueError(f"reward.overlong_buffer.len ({self.reward.overlong_buffer.len}) must be < "
+                             f"data.max_response_length ({d.max_response_length})")
+        if a.use_distributed_optimizer != self.parallel.use_distributed_optimizer:
+            raise ValueError(f"actor.use_distributed_optimizer ({a.use_distributed_optimizer}) and "
+                             f"parallel.use_distributed_optimizer ({self.parallel.use_distributed_optimizer}) disagree")
+        if self.algorithm.filter_groups.enable and self.sampling.n < 2:
+            raise ValueError("algorithm.filter_groups.enable needs rollout.n >= 2 (groups of one always agree)")
+
+    @property
+    def run_dir(self) -> str:
+        return self.trainer.run_dir or os.path.join("runs", self.trainer.experiment_name)
+
+    @property
+    def gen_batch_size(self) -> int:
+        return self.data.gen_batch_size or self.data.train_batch_size
+
+
+def config_from_dict(raw: dict) -> FipoConfig:
+    """Build and validate a ``FipoConfig`` from a nested dict (YAML layout, see the module docstring)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown config section(s): {unknown}; valid: {sorted(_SECTIONS)}")
+    kwargs: dict[str, Any] = {}
+    for section, owners in _SECTIONS.items():
+        if not isinstance(raw.get(section) or {}, dict):
+            raise ValueError(f"{section}: expected a mapping, got {type(raw[section]).__name__}")
+        values = dict(raw.get(section) or {})
+        for (sec, key), source in _DERIVED.items():
+            if sec == section and key in values:
+                raise ValueError(f"{section}.{key} is derived from {source}; set that instead")
+        if section == "rollout":
+            values["max_new_tokens"] = (raw.get("data") or {}).get("max_response_length", DataConfig.max_response_length)
+        # A key goes to every owner that declares it, so a field both declare stays consistent.
+        declared = set().union(*({f.name for f in dataclasses.fields(cls) if f.init} for _, cls in owners))
+        unknown = sorted(set(values) - declared)
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(f'{section}.{k}' for k in unknown)}; "
+                             f"valid keys of {section}: {sorted(declared - {'max_new_tokens'})}")
+        for attr, cls in owners:
+            names = {f.name for f in dataclasses.fields(cls) if f.init}
+            kwargs[attr] = build_dataclass(cls, {k: v for k, v in values.items() if k in names}, prefix=section)
+    try:
+        return FipoConfig(**kwargs)
+    except ValueError:
+        raise
+    except TypeError as exc:  # pragma: no cover - a missing required section
+        raise ValueError(str(exc)) from exc
+
+
+def load_config(path: str | None = None, *, overrides: list[str] | tuple[str, ...] = ()) -> FipoConfig:
+    """Read YAML ``path`` (or start empty), apply dotted ``overrides`` (``a.b=value``), validate."""
+    raw: dict = {}
+    if path:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    return config_from_dict(merge_nested(raw, parse_overrides(list(overrides))))
+
+
+def config_to_dict(cfg: FipoConfig) -> dict:
+    """The YAML layout of ``cfg`` (shared sections merged back); ``config_from_dict`` inverts it."""
+    out: dict[str, dict] = {}
+    for section, owners in _SECTIONS.items():
+        merged: dict = {}
+        for attr, _ in owners:
+            for k, v in to_plain(getattr(cfg, attr)).items():
+                merged.setdefault(k, v)
+        for (sec, key) in _DERIVED:
+            if sec == section:
+                merged.pop(key, None)
+        out[section] = merged
+    return out
+
+
+def save_config(cfg: FipoConfig, path: str) -> None:
+    """Write the resolved config as YAML (atomically: temp file then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, default_flow_style=False)
+    os.replace(tmp, path)

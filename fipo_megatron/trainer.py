@@ -1,0 +1,318 @@
+"""The FIPO training loop (issue #6). Launch through the CLI (``python -m fipo_megatron``)::
+
+    torchrun --nproc-per-node 2 -m fipo_megatron --config examples/configs/tiny_cpu.yaml trainer.run_dir=runs/x
+
+One step, as the spec reads (``Trainer.train_step``):
+
+    1. rollout     rank 0 samples ``rollout.n`` responses per prompt with the engine;
+    2. reward      rule score (each call under a timeout) + DAPO overlong shaping;
+    3. filter      dynamic sampling: keep groups whose rewards disagree, generating again (at most
+                   ``algorithm.filter_groups.max_num_gen_batches`` batches) until the step's prompts are full
+                   (if the budget runs out, the step trains on the whole mini-batches it has; DAPO raises);
+    4. advantages  GRPO per group; the batch is broadcast to every rank as an object;
+    5. update      ``actor.update``: old log-probs recomputed by the actor, then one FIPO optimizer step per
+                   mini-batch (the FutureKL signal exists from the 2nd mini-batch on, spec §1);
+    6. sync        Megatron shards -> HF tensors in buckets -> ``engine.update_weights``;
+    7. log / save  metrics.jsonl (+ TensorBoard/wandb) and, every ``checkpoint.save_interval`` steps, an
+                   atomic run checkpoint (model, optimizer, LR, RNG, data position, step).
+
+The rollout lives on global rank 0 (the embedded engine, or a client of an SGLang/vLLM server); every
+other rank waits in the broadcast. Sampling seeds derive from ``(trainer.seed, step, gen batch)``, so a
+resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fipo_megatron.batch import TrainBatch
+from fipo_megatron.checkpoint.manager import CheckpointManager
+from fipo_megatron.config import FipoConfig, config_to_dict, save_config
+from fipo_megatron.data.experience import Group, build_train_batch, keep_group, score_groups
+from fipo_megatron.data.setup import build_model_and_data
+from fipo_megatron.log import get_logger
+from fipo_megatron.metrics import MetricsLogger, response_length_metrics
+from fipo_megatron.rollout.mismatch import rollout_mismatch_metrics
+
+logger = get_logger(__name__)
+
+
+class Trainer:
+    """Builds every part from a ``FipoConfig`` and runs the loop; call ``fit()`` on every rank."""
+
+    def __init__(self, cfg: FipoConfig):
+        if not dist.is_initialized():
+            raise RuntimeError("Trainer needs torch.distributed initialised (launch with torchrun or the CLI)")
+        self.cfg = cfg
+        self.rank = dist.get_rank()
+        self.run_dir = cfg.run_dir
+        self.timings: dict[str, float] = {}
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.parts = build_model_and_data(cfg, rank=self.rank, run_dir=self.run_dir)  # tokenizer, data, engine
+        from fipo_megatron.actor.actor import MegatronActor
+
+        self.actor = MegatronActor(hf_config=self.parts.hf_config, parallel=cfg.parallel,
+                                   actor_config=cfg.actor, loss_config=cfg.policy_loss)
+        self.actor.load_hf_weights(self.parts.hf_dir)
+        self.ckpt = CheckpointManager(root=os.path.join(self.run_dir, "checkpoints"), keep_last=cfg.checkpoint.keep_last,
+                                      rank=self.rank, barrier=dist.barrier)
+        self.step = 0
+        self._last_save_s: float | None = None
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> None:
+        cfg = self.cfg
+        resumed = self._maybe_resume()
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
+                                     wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+                                     wandb_run_name=cfg.logging.wandb_run_name, config=config_to_dict(cfg),
+                                     resume_step=self.step if resumed else None)
+        if resumed:
+            self.sync_weights()  # the engine still holds the initial weights
+        bar = self._progress_bar()
+        try:
+            if cfg.trainer.val_before_train and self.step == 0:
+                self.metrics.log(0, self.validate())
+            while self.step < cfg.trainer.total_training_steps:
+                self.step += 1
+                metrics = self.train_step()
+                if cfg.trainer.val_interval and self.step % cfg.trainer.val_interval == 0:
+                    metrics.update(self.validate())
+                if self._last_save_s is not None:
+                    metrics["timing/last_save"], self._last_save_s = self._last_save_s, None
+                # Log, then save: a crash in between resumes from the previous checkpoint and re-logs this step.
+                self.metrics.log(self.step, metrics)
+                last = self.step == cfg.trainer.total_training_steps
+                interval = cfg.checkpoint.save_interval
+                if (interval and self.step % interval == 0) or (last and cfg.checkpoint.save_at_end):
+                    t = time.perf_counter()
+                    self.save()
+                    self._last_save_s = time.perf_counter() - t
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in ("reward/mean", "rollout/acc")
+                                     if isinstance(metrics.get(k), float)})
+        finally:
+            if bar is not None:
+                bar.close()
+            self.metrics.close()
+
+    def train_step(self) -> dict[str, float]:
+        """One RL step on every rank; returns the step's metrics (complete on rank 0)."""
+        self.timings = {}
+        t0 = time.perf_counter()
+        with self._timed("rollout_total"):
+            batch, metrics = self._rollout_on_rank0() if self.rank == 0 else (None, {})
+            batch = _broadcast_object(batch)
+        if batch is not None:
+            if self.parts.engine is not None:
+                self.parts.engine.release_memory()  # a colocated engine gives its GPU memory to training
+            # Train/rollout mismatch needs the actor's log-probs of the rollout: free when the actor keeps
+            # its old log-probs, else one extra forward pass every logging.mismatch_interval steps.
+            every = self.cfg.logging.mismatch_interval
+            keeps_old = hasattr(self.actor, "last_old_log_probs")
+            actor_log_probs = None
+            if every and self.step % every == 0 and not keeps_old:
+                with self._timed("mismatch_log_prob"):
+                    actor_log_probs = self.actor.compute_log_probs(batch)
+            with self._timed("actor"):
+                metrics.update(self.actor.update(batch))
+            for phase in ("old_log_prob", "update"):  # the actor times its two phases itself
+                if f"actor/timing/{phase}_s" in metrics:
+                    metrics[f"timing/{phase}"] = metrics.pop(f"actor/timing/{phase}_s")
+            if keeps_old:
+                actor_log_probs = self.actor.last_old_log_probs
+            if self.rank == 0 and actor_log_probs is not None:
+                metrics.update(rollout_mismatch_metrics(actor_log_probs=actor_log_probs,
+                                                        rollout_log_probs=[s.rollout_log_probs for s in batch.samples]))
+            with self._timed("sync"):
+                metrics.update(self.sync_weights())
+            num_tokens = sum(s.num_tokens for s in batch.samples)
+            metrics["perf/total_num_tokens"] = float(num_tokens)
+        metrics.update({f"timing/{k}": v for k, v in self.timings.items()})
+        step_time = time.perf_counter() - t0
+        metrics["timing/step"] = step_time
+        if batch is not None:
+            metrics["perf/throughput_tokens_per_s"] = metrics["perf/total_num_tokens"] / step_time
+        return metrics
+
+    # ------------------------------------------------------------------ phases
+    def _rollout_on_rank0(self) -> tuple[TrainBatch | None, dict]:
+        """Generate, score and filter until the step's prompts are full (rank 0 only)."""
+        cfg, parts = self.cfg, self.parts
+        fg = cfg.algorithm.filter_groups
+        n, want = cfg.sampling.n, cfg.data.train_batch_size
+        kept: list[Group] = []
+        seen: list[Group] = []
+        num_gen_batches, counts = 0, {"num_timeouts": 0, "num_errors": 0, "overlong_penalty_sum": 0.0}
+        gen_tokens, gen_time = 0, 0.0
+        while len(kept) < want:
+            num_gen_batches += 1
+            records = [parts.train_data[i] for i in parts.sampler.next_indices(cfg.gen_batch_size)]
+            sampling = dataclasses.replace(parts.sampling, seed=_derive_seed(cfg, self.step, num_gen_batches))
+            with self._timed("rollout"):
+                t = time.perf_counter()
+                outputs = parts.engine.generate([r.prompt_ids for r in records], sampling)
+                gen_time += time.perf_counter() - t
+            gen_tokens += sum(len(o.token_ids) for o in outputs)
+            with self._timed("reward"):
+                groups, c = score_groups(records, outputs, n=n, tokenizer=parts.tokenizer, runner=parts.scorer,
+                                         overlong_penalty=parts.overlong_penalty)
+            for k in counts:
+                counts[k] += c[k]
+            seen += groups
+            kept += [g for g in groups if keep_group(g, fg.metric)] if fg.enable else groups
+            if fg.enable and fg.max_num_gen_batches and num_gen_batches >= fg.max_num_gen_batches and len(kept) < want:
+                # DAPO raises here; we train on the whole mini-batches we have (logged as batch/num_prompts).
+                logger.info("step %d: only %d of %d prompts have mixed rewards after %d generation batches",
+                            self.step, len(kept), want, num_gen_batches)
+                break
+        # A short batch keeps whole mini-batches only: every update then has the configured size.
+        mini = cfg.actor.ppo_mini_batch_size
+        kept = kept[:want] if len(kept) >= want else kept[:len(kept) // mini * mini]
+        all_rewards = [r for g in seen for r in g.rewards]
+        metrics = {
+            "num_gen_batches": float(num_gen_batches),
+            "batch/num_prompts": float(len(kept)),
+            "batch/num_filtered_groups": float(len(seen) - len(kept)),
+            "rollout/reward_mean": float(np.mean(all_rewards)),
+            "rollout/acc": float(np.mean([a for g in seen for a in g.accs])),
+            "rollout/tokens_per_s": gen_tokens / max(gen_time, 1e-9),
+            "reward/num_timeouts": float(counts["num_timeouts"]),
+            "reward/num_errors": float(counts["num_errors"]),
+            "reward/overlong_penalty_mean": counts["overlong_penalty_sum"] / max(len(all_rewards), 1),
+            "data/epoch": float(parts.sampler.epoch),
+            **{f"data/{k}": float(v) for k, v in parts.train_data.stats.items()},
+        }
+        if not kept:
+            logger.warning("step %d: no prompt with mixed rewards; skipping the update", self.step)
+            return None, metrics
+        batch = build_train_batch(kept, n=n, temperature=parts.sampling.temperature,
+                                  adv_estimator=cfg.algorithm.adv_estimator,
+                                  norm_adv_by_std=cfg.algorithm.norm_adv_by_std_in_grpo)
+        rewards = [s.reward for s in batch.samples]
+        metrics.update({"reward/mean": float(np.mean(rewards)), "reward/max": float(np.max(rewards)),
+                        "reward/min": float(np.min(rewards)),
+                        "reward/score_mean": float(np.mean([s for g in kept for s in g.scores])),
+                        "reward/acc": float(np.mean([a for g in kept for a in g.accs]))})
+        metrics.update(response_length_metrics([len(s.response_ids) for s in batch.samples],
+                                               max_response_length=cfg.data.max_response_length))
+        return batch, metrics
+
+    def sync_weights(self) -> dict[str, float]:
+        """Actor shards -> HF-named full tensors, bucketed -> the engine's transport (every rank joins).
+
+        A failure on any rank raises ``WeightSyncError`` on every rank (weights/transport.py), so the
+        job stops together instead of hanging in the export's collectives.
+        """
+        from fipo_megatron.weights.transport import sync_weights, transport_for
+
+        engine = self.parts.engine
+        if engine is not None:
+            engine.resume_memory()
+        return sync_weights(self.actor.model_chunks, groups=self.actor.groups, hf_config=self.parts.hf_config,
+                            transport=transport_for(engine) if engine is not None else None,
+                            destination="rank0", bucket_bytes=self.parts.sync_bucket_bytes)
+
+    def validate(self) -> dict[str, float]:
+        """Sample the validation prompts with the validation settings; avg@k of score and acc (rank 0)."""
+        cfg, parts = self.cfg, self.parts
+        if self.rank != 0 or parts.val_data is None:
+            return {}
+        with self._timed("validate"):
+            sampling = dataclasses.replace(parts.sampling, n=cfg.rollout.val_n, temperature=cfg.rollout.val_temperature,
+                                           top_p=cfg.rollout.val_top_p, seed=_derive_seed(cfg, self.step, 0) + 7)
+            records = list(parts.val_data.records)
+            outputs = parts.engine.generate([r.prompt_ids for r in records], sampling)
+            groups, _ = score_groups(records, outputs, n=sampling.n, tokenizer=parts.tokenizer,
+                                     runner=parts.scorer, overlong_penalty=None)
+        return {"val/score_mean": float(np.mean([s for g in groups for s in g.scores])),
+                "val/acc": float(np.mean([a for g in groups for a in g.accs]))}
+
+    def close(self) -> None:
+        """Stop what rank 0 started: the rollout engine (server processes) and the scoring pool."""
+        if self.parts.engine is not None:
+            self.parts.engine.shutdown()
+        if self.parts.scorer is not None:
+            self.parts.scorer.close()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> str:
+        state = {"data": self.parts.sampler.state_dict() if self.rank == 0 else None}
+        return self.ckpt.save(step=self.step, trainer_state=state, save_model=self.actor.save_checkpoint)
+
+    def _maybe_resume(self) -> bool:
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            return False
+        path = self.ckpt.latest() if mode == "auto" else mode
+        if path is None:
+            return False
+        state = self.ckpt.load(path, load_model=self.actor.load_checkpoint)
+        self.step = int(state["step"])
+        if self.rank == 0:
+            self.parts.sampler.load_state_dict(state["data"])
+        logger.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # ------------------------------------------------------------------ helpers
+    @contextmanager
+    def _timed(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
+
+    def _progress_bar(self):
+        if self.rank != 0 or not self.cfg.logging.progress_bar:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.trainer.total_training_steps, initial=self.step, desc="fipo", unit="step",
+                    dynamic_ncols=True)
+
+
+def _derive_seed(cfg: FipoConfig, step: int, gen_batch: int) -> int:
+    base = cfg.sampling.seed if cfg.sampling.seed is not None else cfg.trainer.seed
+    return (base * 1_000_003 + step * 1009 + gen_batch) % (2**31 - 1)
+
+
+def _broadcast_object(batch: TrainBatch | None) -> TrainBatch | None:
+    """Broadcast the step's batch from global rank 0. Token ids travel as int32 arrays; the engine's
+    log-probs stay on rank 0 (only its mismatch metric reads them), which keeps every other rank's copy
+    of a 20k-token x 8192-response batch small. Rank 0 keeps its own object."""
+    if dist.get_world_size() == 1:
+        return batch
+    box = [_compact(batch) if dist.get_rank() == 0 else None]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    dist.broadcast_object_list(box, src=0, device=device)
+    return batch if dist.get_rank() == 0 else _expand(box[0])
+
+
+def _compact(batch: TrainBatch | None):
+    if batch is None:
+        return None
+    rows = [(np.asarray(s.prompt_ids, np.int32), np.asarray(s.response_ids, np.int32),
+             s.advantage, s.group_id, s.reward, s.finish_reason) for s in batch.samples]
+    return (rows, batch.num_responses_per_prompt, batch.temperature, batch.meta)
+
+
+def _expand(payload) -> TrainBatch | None:
+    if payload is None:
+        return None
+    from fipo_megatron.batch import Sample
+
+    rows, n, temperature, meta = payload
+    samples = [Sample(prompt_ids=p.tolist(), response_ids=r.tolist(), advantage=a, group_id=g, reward=rw,
+                      finish_reason=fr) for p, r, a, g, rw, fr in rows]
+    return TrainBatch(samples=samples, num_responses_per_prompt=n, temperature=temperature, meta=meta)
