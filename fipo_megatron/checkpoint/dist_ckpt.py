@@ -16,7 +16,7 @@ half checkpoint under the final name. The model chunks are stored under ``model`
 Host memory: a model-only load writes the SwiGLU ``linear_fc1`` halves straight into the parameters
 (no merge copy), and ``save_megatron_checkpoint(..., consume_model=True)`` (offline conversion) copies
 view-backed shards one parameter at a time; both keep the peak near one copy of the model
-(docs/benchmarks/convert.md).
+(docs/benchmarks.md, "Checkpoint conversion").
 """
 
 from __future__ import annotations
