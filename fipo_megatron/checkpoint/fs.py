@@ -27,7 +27,8 @@ def check_output_dir(out: str | os.PathLike, *, force: bool) -> Path:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename or new entry in directory ``path`` durable (best effort where the OS refuses)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
@@ -59,7 +60,7 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
         old = out.with_name(f"{out.name}.old-{os.getpid()}")
         os.rename(out, old)
     os.rename(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

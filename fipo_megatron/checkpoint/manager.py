@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fipo_megatron.checkpoint.fs import fsync_dir
 from fipo_megatron.log import get_logger
 
 logger = get_logger(__name__)
@@ -58,19 +59,6 @@ def _write_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
 
 
 def _noop() -> None:
@@ -128,7 +116,7 @@ class CheckpointManager:
                 shutil.rmtree(final + ".old", ignore_errors=True)
                 os.rename(final, final + ".old")
             os.rename(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             _write_atomic(os.path.join(self.root, LATEST_FILE), name + "\n")
             shutil.rmtree(final + ".old", ignore_errors=True)
             for old in self.step_dirs()[:-self.keep_last]:

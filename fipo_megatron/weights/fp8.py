@@ -43,15 +43,20 @@ def _block_view(x_NK: torch.Tensor, block: int) -> tuple[torch.Tensor, int, int]
     return padded.view(nb, block, kb, block), nb, kb
 
 
+def _block_scale_inv(blocks: torch.Tensor) -> torch.Tensor:
+    """Per-block ``amax / 448`` of a ``_block_view``; an all-zero block gets scale 1 (it quantises to exact
+    zeros either way, and amax/448 would divide by zero)."""
+    amax = blocks.abs().amax(dim=(1, 3))
+    return torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+
+
 def quantize_fp8_block_torch(weight_NK: torch.Tensor, *, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch reference: return (``float8_e4m3fn`` weight (N, K), float32 ``scale_inv`` (N/b, K/b))."""
     if weight_NK.dim() != 2:
         raise ValueError(f"block FP8 quantises 2-D weights, got shape {tuple(weight_NK.shape)}")
     x = weight_NK.float()
     blocks, nb, kb = _block_view(x, block)
-    amax = blocks.abs().amax(dim=(1, 3))
-    # An all-zero block would divide by zero; any positive scale quantises it to exact zeros.
-    scale_inv = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    scale_inv = _block_scale_inv(blocks)
     q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     n, k = weight_NK.shape
     return q.view(nb * block, kb * block)[:n, :k].contiguous(), scale_inv
@@ -84,8 +89,7 @@ def quantize_fp8_block_modelopt(weight_NK: torch.Tensor, *, block: int = BLOCK) 
     x = weight_NK.float()
     # modelopt's own scales are amax/448 unguarded: an all-zero block gives 0/0 = NaN. Pass guarded ones.
     blocks, nb, kb = _block_view(x, block)
-    amax = blocks.abs().amax(dim=(1, 3))
-    scale_inv = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    scale_inv = _block_scale_inv(blocks)
     qtensor, _ = FP8QTensor.quantize(x, scales=scale_inv, block_sizes={-1: block, -2: block})
     return qtensor._quantized_data.contiguous(), scale_inv
 
