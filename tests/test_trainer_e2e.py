@@ -108,15 +108,17 @@ def test_train_kill_resume_matches_uninterrupted(tmp_path):
             same = va == vb or (isinstance(va, float) and isinstance(vb, float) and math.isclose(va, vb, rel_tol=1e-9, abs_tol=1e-12))
             assert same, (ra["step"], k, va, vb)
 
-    # tools/evaluate.py on the run checkpoint (converted to HF on the fly) runs and scores the synthetic task
-    import importlib.util
+    # tools/evaluate.py on the run checkpoint (converted to HF on the fly) runs and scores the synthetic task.
+    # It runs as its own process, as a user runs it: in-process it would leave the Megatron checkpoint
+    # loader's and the scorer's threads in this test process, and later fork-based tests would inherit
+    # their locks.
+    import subprocess
+    import sys
 
-    spec = importlib.util.spec_from_file_location("fipo_evaluate", os.path.join(REPO, "tools", "evaluate.py"))
-    evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate)
     out = tmp_path / "eval.json"
-    assert evaluate.main(["--model", os.path.join(ref_dir, "hf_init"), "--megatron-checkpoint",
-                          os.path.join(ref_dir, "checkpoints", "step_00000004"), "--synthetic", "copy_digit",
-                          "--num-synthetic", "8", "--k", "4", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--model", os.path.join(ref_dir, "hf_init"),
+                    "--megatron-checkpoint", os.path.join(ref_dir, "checkpoints", "step_00000004"),
+                    "--synthetic", "copy_digit", "--num-synthetic", "8", "--k", "4", "--max-new-tokens", "3",
+                    "--out", str(out)], check=True, timeout=300)
     res = json.loads(out.read_text())
     assert res["overall"]["num_problems"] == 8 and 0.0 <= res["overall"]["avg@4"] <= 1.0

@@ -83,6 +83,11 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *, args: tuple = ()
         # Forked children would inherit the parent's process group and hang in its teardown.
         raise RuntimeError("run_distributed needs a parent process without a torch.distributed process group; "
                            "a test left one initialised (destroy it, or run that test in run_distributed too)")
+    import threading
+
+    # Threads alive in the parent at fork time are the usual cause of a hung child (a lock they held is
+    # copied locked); name them in the timeout message.
+    parent_threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="fipo_dist_") as tmp:
@@ -102,7 +107,8 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *, args: tuple = ()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"distributed run of {fn.__name__} on {world_size} ranks exceeded {timeout:.0f} s; "
-                                       f"finished ranks: {sorted(results)}, failed: {sorted(errors)}")
+                                       f"finished ranks: {sorted(results)}, failed: {sorted(errors)}; threads in the parent "
+                                       f"at fork: {parent_threads or 'none'}")
                 try:
                     rank, ok, payload = queue.get(timeout=min(remaining, 1.0))
                 except queue_mod.Empty:
