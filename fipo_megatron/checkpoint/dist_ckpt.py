@@ -71,6 +71,23 @@ def _dp_cp_group():
     return None
 
 
+def _stop_writer_manager() -> None:
+    """Stop the multiprocessing Manager megatron-core's torch_dist writer caches on the first save.
+
+    ``filesystem_async`` keeps ``Manager().Queue()`` (a spawned server process) in a module global and
+    never shuts it down; the process outlived every training run and test. The next save starts a new one.
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    queue = getattr(filesystem_async, "_results_queue", None)
+    manager = getattr(queue, "_manager", None)
+    if manager is not None:
+        manager.shutdown()
+        filesystem_async._results_queue = None
+
+
 def _save_strategy():
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
@@ -176,6 +193,7 @@ def save_megatron_checkpoint(ckpt_dir: str | os.PathLike, model_chunks: Sequence
         if "content_metadata" in inspect.signature(dist_checkpointing.save).parameters:
             kwargs["content_metadata"] = dict(_CONTENT_METADATA)
         dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(), **kwargs)
+        _stop_writer_manager()
         if dist.get_rank() == 0:
             torch.save(extra_state or {}, tmp / EXTRA_STATE_FILE)
             info = {"format": "megatron_dist_ckpt", "num_model_chunks": len(model_chunks),
