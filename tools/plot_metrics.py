@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 
+from fipo_megatron.metrics import read_metrics
+
 PANELS = [
     ("reward / accuracy", ["rollout/acc", "rollout/reward_mean", "reward/mean", "val/acc"]),
     ("response length (tokens)", ["response_length/mean", "response_length/q25", "response_length/median",
@@ -24,17 +26,6 @@ PANELS = [
     ("policy", ["actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy"]),
     ("dynamic sampling", ["num_gen_batches"]),
 ]
-
-
-def load_rows(path: str) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a partial last line of a running/killed job
-                pass
-    return rows
 
 
 def plot(rows: list[dict], out: str, *, title: str | None = None) -> int:
@@ -77,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="plot.png", help="output image (PNG)")
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)
-    rows = load_rows(args.metrics)
+    rows = read_metrics(args.metrics)
     if not rows:
         sys.stderr.write(f"{args.metrics}: no rows\n")
         return 1
