@@ -378,7 +378,10 @@ def config_to_dict(cfg: FipoConfig) -> dict:
 def save_config(cfg: FipoConfig, path: str) -> None:
     """Write the resolved config as YAML (atomically: temp file then rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, default_flow_style=False)
-    os.replace(tmp, path)
+    from fipo_megatron.checkpoint.fs import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, default_flow_style=False)
+
+    atomic_write(path, write)

@@ -60,10 +60,13 @@ def truncate_after_step(path: str, step: int) -> int:
             else:
                 kept.append(line if line.endswith("\n") else line + "\n")
     if dropped:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        from fipo_megatron.checkpoint.fs import atomic_write
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+
+        atomic_write(path, write)
     return dropped
 
 

@@ -21,10 +21,10 @@ from fipo_megatron.actor.packing import PackedMicroBatch
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The ``GPTModel`` inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+    """The ``GPTModel`` inside DDP / Float16Module wrappers (``models.sharding.unwrap_model``)."""
+    from fipo_megatron.models.sharding import unwrap_model
+
+    return unwrap_model(model)
 
 
 def _hidden_passthrough(self, input_, weight=None, runtime_gather_output=None, **_):

@@ -43,11 +43,11 @@ _CONTENT_METADATA = {"singleton_local_shards": False}
 
 
 def _unwrap(chunk):
-    # DDP / Float16Module wrappers keep the GPTModel under `.module`. They inherit MegatronModule's
-    # sharded_state_dict (which would prefix every key with "module."), so unwrap them all.
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
+    # The wrappers inherit MegatronModule's sharded_state_dict (which would prefix every key with
+    # "module."), so the GPTModel itself must be saved and loaded.
+    from fipo_megatron.models.sharding import unwrap_model
+
+    return unwrap_model(chunk)
 
 
 def _model_keys(num_chunks: int) -> list[str]:

@@ -14,7 +14,7 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def check_output_dir(out: str | os.PathLike, *, force: bool) -> Path:
@@ -25,6 +25,24 @@ def check_output_dir(out: str | os.PathLike, *, force: bool) -> Path:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ValueError(f"output directory {out} is not empty; pass --force (force=True) to overwrite it")
     return out
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write ``path`` through ``write(tmp_path)``, fsync it, then rename it into place.
+
+    Readers (and a job resumed after a crash) see the old file or the complete new one, never a part;
+    the temporary file is removed if ``write`` fails.
+    """
+    path = os.fspath(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

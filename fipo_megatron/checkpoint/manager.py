@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fipo_megatron.checkpoint.fs import fsync_dir
+from fipo_megatron.checkpoint.fs import atomic_write, fsync_dir
 from fipo_megatron.log import get_logger
 
 logger = get_logger(__name__)
@@ -53,12 +53,12 @@ def restore_rng_state(state: dict) -> None:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    atomic_write(path, lambda tmp: _write_text(tmp, text))
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _noop() -> None:

@@ -117,11 +117,12 @@ def chunk_layer_offset(chunk) -> int:
     return int(layers[0].layer_number) - 1
 
 
-def _unwrap(chunk):
-    # DDP / Float16Module wrappers keep the GPTModel under `.module`.
+def unwrap_model(chunk):
+    """The ``GPTModel`` inside Megatron's DDP / Float16Module wrappers (they keep it under ``.module``)."""
     while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
         chunk = chunk.module
     return chunk
+
 
 
 def _shares_embedding(chunk) -> bool:
@@ -132,7 +133,7 @@ def local_params(model_chunks) -> dict[str, tuple[str, torch.nn.Parameter, objec
     """``{canonical global name: (local name, parameter, chunk)}`` for this rank's chunks."""
     out = {}
     for chunk in model_chunks:
-        chunk = _unwrap(chunk)
+        chunk = unwrap_model(chunk)
         offset = chunk_layer_offset(chunk)
         for local_name, param in chunk.named_parameters():
             out[canonical_name(to_global_name(local_name, layer_offset=offset))] = (local_name, param, chunk)

@@ -22,6 +22,8 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
+from fipo_megatron.checkpoint.fs import atomic_write
+
 from fipo_megatron.log import get_logger
 
 logger = get_logger(__name__)
@@ -66,31 +68,19 @@ class DiskTransport:
         filename = f"bucket_{self.rank:03d}_{len(self._files):05d}.safetensors"
         # safetensors refuses tensors sharing storage (gate/up are views of one gathered fc1): copy.
         tensors = {name: t.detach().cpu().clone() for name, t in bucket}
-        _atomic_write(os.path.join(self.directory, filename), lambda path: save_file(tensors, path))
+        atomic_write(os.path.join(self.directory, filename), lambda path: save_file(tensors, path))
         self._files.append(filename)
         self._names.update({name: filename for name in tensors})
 
     def finish(self) -> None:
         index = {"files": self._files, "weight_map": self._names}
-        _atomic_write(os.path.join(self.directory, f"index_{self.rank:03d}.json"),
+        atomic_write(os.path.join(self.directory, f"index_{self.rank:03d}.json"),
                       lambda path: _write_json(path, index))
 
 
 def _write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_disk_buckets(directory: str) -> Iterator[NamedTensors]:
