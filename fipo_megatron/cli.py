@@ -27,17 +27,21 @@ def _init_distributed() -> None:
     if dist.is_initialized():
         return
     cuda = torch.cuda.is_available()
+    kwargs = {}
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        kwargs["device_id"] = torch.device("cuda", local_rank)  # NCCL binds this GPU instead of guessing
     backend = "nccl" if cuda else "gloo"
     timeout = datetime.timedelta(minutes=int(os.environ.get("FIPO_DIST_TIMEOUT_MIN", "60")))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / SLURM-style launch
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(backend, timeout=timeout, **kwargs)
         return
     with socket.socket() as s:  # a lone process: a private rendezvous on a free local port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout,
+                            **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

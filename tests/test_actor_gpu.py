@@ -1,8 +1,7 @@
 """GPU variant of the actor check (CUDA, bf16 parameters). Skipped without CUDA.
 
-One rank (world 1, the harness's gloo group; every Megatron group has size 1, so no NCCL is needed):
-the bf16 actor (with full activation recomputation) against the fp32 one built from the same weights.
-Not run in the session that wrote it (no GPU there).
+One rank on one GPU (NCCL): the bf16 actor (with full activation recomputation) against the fp32 one
+built from the same weights.
 """
 
 from __future__ import annotations
@@ -39,7 +38,9 @@ def test_bf16_actor_close_to_fp32_on_cuda():
     from test_actor_update import _batch, _full_state
 
     model = tiny_hf_model("qwen2", seed=0)
-    out = run_distributed(_worker, 1, args=(model.config, _full_state(model), _batch()), timeout=300)[0]
+    # NCCL (one rank, one GPU): Megatron's DDP reduces its CUDA grad buckets even at dp=1, which gloo refuses
+    out = run_distributed(_worker, 1, args=(model.config, _full_state(model), _batch()), timeout=300,
+                          backend="nccl")[0]
     for a, b in zip(out["float32"]["logp"], out["bfloat16"]["logp"]):
         torch.testing.assert_close(b, a, atol=0.1, rtol=0.05)
     m = out["bfloat16"]["metrics"]

@@ -52,7 +52,7 @@ def test_te_spec_bf16_forward_matches_transformers():
     seqs = [torch.randint(0, hf_model.config.vocab_size, (n,), generator=g) for n in (16, 9, 31)]
     ref = hf_reference_logits(hf_model, seqs)  # fp32 on CPU
     [(logits, cu)] = run_distributed(_te_forward_worker, 1, args=(family, hf_to_megatron_full(hf_model), seqs),
-                                     timeout=300)
+                                     timeout=300, backend="nccl")
     cu = cu.tolist()
     for i, r in enumerate(ref):
         got = logits[0, cu[i]:cu[i + 1]]

@@ -63,6 +63,9 @@ def test_cpu_compat_idempotent():
     # the redirected factories allocate on CPU, and Megatron's seeding runs through the CPU tracker
     assert proxy.zeros(2, device="cuda").device.type == "cpu"
     assert proxy.cuda.current_device().type == "cpu" and proxy.cuda.synchronize() is None
+    # megatron-core >= 0.19's DDP start_grad_sync waits on the current stream's events before reducing
+    stream = proxy.cuda.current_stream()
+    assert stream.wait_event(object()) is None and stream.wait_stream(stream) is None
     mp_random.model_parallel_cuda_manual_seed(7, tp_rank=0, ep_rank=0, etp_rank=0)
     tracker = mp_random.get_cuda_rng_tracker()
     import torch

@@ -1,7 +1,7 @@
 """The small shim that lets megatron-core run on CPU over gloo (tests, the CPU demo). No-op on CUDA.
 
-megatron-core assumes a GPU in a few places that are not about the math. Found on 0.16.1 and the same
-targets checked in the megatron-core main source (0.20.0.dev); a patch whose target a version lacks is
+megatron-core assumes a GPU in a few places that are not about the math. Found on 0.16.1, checked in the
+megatron-core main source (0.20.0.dev), and run with 0.19.2 (Python 3.12, CUDA hidden) on the GPU box; a patch whose target a version lacks is
 skipped (debug log), never guessed. Each redirect and what it serves:
 
 1. ``torch.cuda.current_device()`` / ``device="cuda"`` factories / ``torch.cuda.synchronize()``: the p2p
@@ -9,7 +9,8 @@ skipped (debug log), never guessed. Each redirect and what it serves:
    layer and collective buffers (``tensor_parallel.layers/mappings/utils``, ``transformer.*``), RoPE's
    ``inv_freq`` move (``rotary_pos_embedding``), DDP's grad buffers (``distributed.param_and_grad_buffer``),
    the optimizer's found-inf / scale tensors and grad-norm buffers (``optimizer.*``), the global memory
-   buffer (``megatron.core.utils``). Those modules (:data:`_PROXIED_MODULES`) get a module-local ``torch``
+   buffer (``megatron.core.utils``), and (megatron-core >= 0.19) the ``torch.cuda.current_stream()`` that
+   DDP's ``start_grad_sync`` asks for before every gradient reduction. Those modules (:data:`_PROXIED_MODULES`) get a module-local ``torch``
    proxy mapping "cuda" to CPU; the real ``torch`` module is not modified.
 2. The CUDA RNG tracker (``tensor_parallel.random``: ``model_parallel_cuda_manual_seed``, every
    ``get_cuda_rng_tracker().fork()``): replaced by the same tracker over CPU generator states.
@@ -54,11 +55,25 @@ def _cpu(device):
     return torch.device("cpu") if isinstance(device, int) or str(device).startswith("cuda") else device
 
 
+class _CpuStream:
+    """What ``torch.cuda.current_stream()`` returns on CPU: work is already in order, so waits are no-ops."""
+
+    def wait_event(self, event):
+        return None
+
+    def wait_stream(self, stream):
+        return None
+
+    def synchronize(self):
+        return None
+
+
 class _CudaOnCpu:
-    """``torch.cuda`` inside a proxied module: current device is the CPU, synchronize is a no-op."""
+    """``torch.cuda`` inside a proxied module: current device is the CPU; synchronize and streams no-ops."""
 
     current_device = staticmethod(lambda: torch.device("cpu"))
     synchronize = staticmethod(lambda device=None: None)
+    current_stream = staticmethod(lambda device=None: _CpuStream())
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)

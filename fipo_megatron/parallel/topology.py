@@ -150,10 +150,12 @@ def _init_torch_distributed() -> None:
         return
     if "WORLD_SIZE" not in os.environ:
         raise RuntimeError("torch.distributed is not initialised and WORLD_SIZE is unset: launch with torchrun")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+    else:
+        dist.init_process_group("gloo")
 
 
 def _current_layout(ps) -> tuple[int, int, int, int | None]:

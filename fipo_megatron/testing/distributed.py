@@ -1,4 +1,4 @@
-"""Run a function on N real gloo processes on CPU and collect what each rank returns.
+"""Run a function on N real gloo processes on CPU (or NCCL ones, one GPU each) and collect what each rank returns.
 
     from fipo_megatron.testing.distributed import run_distributed
     results = run_distributed(my_fn, world_size=4, args=(x,))   # list indexed by rank
@@ -10,7 +10,10 @@ exception on any rank is re-raised in the parent with that rank's traceback; a h
 ``timeout`` seconds. Children run single-threaded: N ranks share two cores.
 
 Fork (not spawn) keeps start-up cheap: megatron-core takes ~4 s to import, and a forked child inherits
-the parent's imports. The parent must not have initialised torch.distributed itself.
+the parent's imports. Where a GPU is visible the children are spawned instead (CUDA does not survive a
+fork), so ``fn`` must then be importable: a module-level function. ``FIPO_MP_START_METHOD=fork|spawn``
+overrides the choice. The parent must not have initialised
+torch.distributed itself.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import traceback
 from typing import Any, Callable
 
 
-def _worker(fn, rank, world_size, init_file, args, kwargs, queue, extra_env):
+def _worker(fn, rank, world_size, init_file, args, kwargs, queue, extra_env, backend):
     try:
         os.environ.update(extra_env)
         os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
@@ -31,7 +34,12 @@ def _worker(fn, rank, world_size, init_file, args, kwargs, queue, extra_env):
         import torch.distributed as dist
 
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+        kwargs_init = {}
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            kwargs_init["device_id"] = torch.device("cuda", rank)
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                                **kwargs_init)
         try:
             result = fn(rank, world_size, *args, **kwargs)
         finally:
@@ -74,10 +82,35 @@ def _teardown_megatron() -> None:
         ps.destroy_model_parallel()
 
 
+def _start_method(backend: str) -> str:
+    """Fork where CUDA is out of the picture (CPU machines, CI); spawn where it is visible: a process that
+    has asked CUDA anything (even ``torch.cuda.is_available()``) cannot fork children that use it."""
+    forced = os.environ.get("FIPO_MP_START_METHOD")
+    if forced:
+        if forced not in ("fork", "spawn"):
+            raise ValueError(f"FIPO_MP_START_METHOD must be 'fork' or 'spawn', got {forced!r}")
+        return forced
+    import torch
+
+    return "spawn" if backend == "nccl" or torch.cuda.is_available() else "fork"
+
+
 def run_distributed(fn: Callable[..., Any], world_size: int, *, args: tuple = (), kwargs: dict | None = None,
-                    timeout: float = 300.0, env: dict[str, str] | None = None) -> list[Any]:
-    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks; return results by rank."""
+                    timeout: float = 300.0, env: dict[str, str] | None = None, backend: str = "gloo") -> list[Any]:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` ranks; return results by rank.
+
+    ``backend="nccl"`` (GPU benchmarks) puts rank r on ``cuda:r``; it needs ``world_size`` GPUs, since NCCL
+    refuses two ranks on one device."""
     import torch.distributed as dist
+
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl":
+        import torch
+
+        if torch.cuda.device_count() < world_size:
+            raise ValueError(f"backend='nccl' needs one GPU per rank: {world_size} ranks, "
+                             f"{torch.cuda.device_count()} GPU(s) visible")
 
     if dist.is_available() and dist.is_initialized():
         # Forked children would inherit the parent's process group and hang in its teardown.
@@ -88,11 +121,12 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *, args: tuple = ()
     # Threads alive in the parent at fork time are the usual cause of a hung child (a lock they held is
     # copied locked); name them in the timeout message.
     parent_threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context(_start_method(backend))
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="fipo_dist_") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, args, kwargs or {}, queue, env or {}),
+        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, args, kwargs or {}, queue, env or {},
+                                                          backend),
                              daemon=False) for r in range(world_size)]
         for p in procs:
             p.start()
