@@ -112,8 +112,9 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
-    """Which engine generates (``engine_kwargs`` go to its factory, e.g. SGLang's ``tp_size``), the weight-sync
-    bucket size, and validation sampling. Training sampling (``n``, ``temperature``, ``top_p``, ``top_k``,
+    """Which engine generates (``engine_kwargs`` go to its factory, e.g. SGLang's ``tp_size``; ``num_engines``
+    there builds several replicas, ``base_urls`` + ``weight_sync`` point at several SGLang servers: see
+    docs/rollout.md), the weight-sync bucket size, and validation sampling. Training sampling (``n``, ``temperature``, ``top_p``, ``top_k``,
     ``seed``) is ``SamplingParams``, in the same YAML section."""
 
     engine: str = "auto"

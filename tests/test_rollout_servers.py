@@ -8,6 +8,7 @@ None of this proves compatibility with a real SGLang/vLLM; docs/rollout.md says 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import socket
@@ -208,21 +209,30 @@ def _buckets():
              ("model.layers.0.mlp.up_proj.weight", torch.randn(4, 8, generator=g).to(torch.bfloat16))]]
 
 
-def _trainer_process(url, port, done_queue):
-    """The trainer's exporting rank: joins the group, then sends two buckets through the transport."""
-    from fipo_megatron.weights.transport import transport_for
-
+def _send_buckets_and_report(done_queue, make_transport):
+    """Send ``_buckets()`` through ``make_transport()``; put "ok" or the error on ``done_queue`` (a failure
+    is reported to the parent instead of hanging it)."""
     try:
-        engine = sglang_engine.SGLangServerEngine(base_url=url, retry=RetryPolicy(max_retries=0, timeout_s=30))
-        engine.init_weight_sync(master_address="127.0.0.1", master_port=port, engine_world_size=1, backend="gloo")
-        transport = engine.weight_transport(device="cpu")
-        assert type(transport_for(engine)).__name__ == "NcclBroadcastTransport"
+        transport = make_transport()
         for bucket in _buckets():
             transport.send(bucket)
         transport.finish()
         done_queue.put("ok")
-    except BaseException as e:  # report to the parent instead of hanging it
+    except BaseException as e:
         done_queue.put(repr(e))
+
+
+def _trainer_process(url, port, done_queue):
+    """The trainer's exporting rank: joins the group, then sends two buckets through the transport."""
+    from fipo_megatron.weights.transport import transport_for
+
+    def make_transport():
+        engine = sglang_engine.SGLangServerEngine(base_url=url, retry=RetryPolicy(max_retries=0, timeout_s=30))
+        engine.init_weight_sync(master_address="127.0.0.1", master_port=port, engine_world_size=1, backend="gloo")
+        assert type(transport_for(engine)).__name__ == "NcclBroadcastTransport"
+        return engine.weight_transport(device="cpu")
+
+    _send_buckets_and_report(done_queue, make_transport)
 
 
 @pytest.mark.timeout(90)
@@ -265,3 +275,89 @@ def test_mismatch_metrics_against_float64_reference():
     assert m["rollout/num_logprob_tokens"] == 3.0
     with pytest.raises(ValueError, match="response 0"):
         rollout_mismatch_metrics(actor_log_probs=actor[:1], rollout_log_probs=[[-0.1]])
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 1 both free right now (two servers' weight groups)."""
+    for _ in range(50):
+        p = _free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", p + 1))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+def _multi_trainer_process(urls, port, done_queue):
+    """The exporting rank with two servers: the config's factory, connect_weight_sync, a fanned-out sync."""
+    from fipo_megatron.rollout.multi import MultiEngine
+    from fipo_megatron.weights.transport import FanOutTransport, transport_for
+
+    def make_transport():
+        engine = get_engine("sglang_server", base_urls=urls, retry=RetryPolicy(max_retries=0, timeout_s=30),
+                            weight_sync={"master_port": port, "engine_world_size": 1, "master_address": "127.0.0.1",
+                                         "backend": "gloo"})
+        assert isinstance(engine, MultiEngine) and len(engine) == 2
+        engine.connect_weight_sync()  # what data/setup.py does on the engine's rank
+        transport = transport_for(engine)
+        assert isinstance(transport, FanOutTransport) and len(transport.transports) == 2
+        return transport
+
+    _send_buckets_and_report(done_queue, make_transport)
+
+
+@pytest.mark.timeout(120)
+def test_two_servers_each_get_every_bucket_over_their_own_group():
+    ctx = mp.get_context("fork")
+    port_qs, result_qs, done_q = [ctx.Queue(), ctx.Queue()], [ctx.Queue(), ctx.Queue()], ctx.Queue()
+    servers = [ctx.Process(target=_fake_sglang_server_process, args=(pq, rq), daemon=True)
+               for pq, rq in zip(port_qs, result_qs)]
+    for s in servers:
+        s.start()
+    trainer = None
+    try:
+        urls = [q.get(timeout=30) for q in port_qs]
+        trainer = ctx.Process(target=_multi_trainer_process, args=(urls, _free_port_pair(), done_q), daemon=True)
+        trainer.start()
+        assert done_q.get(timeout=90) == "ok"
+        sent = {n: t for b in _buckets() for n, t in b}
+        for rq in result_qs:
+            received = rq.get(timeout=30)
+            assert set(received) == set(sent)
+            for name, tensor in sent.items():
+                assert received[name].dtype == tensor.dtype and torch.equal(received[name], tensor), name
+    finally:
+        for proc in [trainer, *servers]:
+            if proc is not None:
+                proc.kill()
+                proc.join()
+
+
+def test_two_servers_split_generation_and_config_errors():
+    a = _FakeServer({"/generate": [(200, [_sglang_item([7, 5], [-0.3, -0.7]), _sglang_item([8], [-1.0], "length"),
+                                           _sglang_item([5], [-0.1]), _sglang_item([6, 5], [-0.2, -0.4])])]})
+    b = _FakeServer({"/generate": [(200, [_sglang_item([9], [-0.5]), _sglang_item([9, 9], [-0.6, -0.8], "length")])]})
+    try:
+        engine = get_engine("sglang_server", base_urls=[a.url, b.url], retry=RetryPolicy(max_retries=0))
+        outs = engine.generate([[1, 2], [3], [4, 4]], SAMPLING)  # n=2: prompts 0, 1 -> a; prompt 2 -> b
+        assert a.requests[0] == ("/generate", sglang_engine.generate_payload([[1, 2], [3]],
+                                                                             dataclasses.replace(SAMPLING, seed=3)))
+        assert b.requests[0] == ("/generate", sglang_engine.generate_payload([[4, 4]],
+                                                                             dataclasses.replace(SAMPLING, seed=4)))
+        assert [o.prompt_index for o in outs] == [0, 0, 1, 1, 2, 2]
+        assert [o.token_ids for o in outs[4:]] == [[9], [9, 9]]
+        with pytest.raises(ValueError, match="weight_sync is not set"):
+            engine.connect_weight_sync()
+    finally:
+        a.close()
+        b.close()
+    with pytest.raises(ValueError, match="exactly one of base_url"):
+        get_engine("sglang_server", base_url="http://x", base_urls=["http://y"])
+    with pytest.raises(ValueError, match="exactly one of base_url"):
+        get_engine("sglang_server")
+    with pytest.raises(ValueError, match=r"does not take \['mem_fraction_static', 'tp_size'\]"):
+        get_engine("sglang_server", base_url="http://x", tp_size=8, mem_fraction_static=0.5)
+    with pytest.raises(ValueError, match="engine_world_size"):
+        get_engine("sglang_server", base_url="http://x", weight_sync={"master_port": 1234, "engine_world_size": 0})

@@ -10,6 +10,7 @@ import os
 import signal
 
 import pytest
+import torch
 
 from fipo_megatron.metrics import read_metrics
 
@@ -122,3 +123,39 @@ def test_train_kill_resume_matches_uninterrupted(tmp_path):
                     "--out", str(out)], check=True, timeout=300)
     res = json.loads(out.read_text())
     assert res["overall"]["num_problems"] == 8 and 0.0 <= res["overall"]["avg@4"] <= 1.0
+
+
+def _train_two_engines(rank, world_size, run_dir):
+    from fipo_megatron.config import load_config
+    from fipo_megatron.models.sharding import gather_full_state_dict
+    from fipo_megatron.trainer import Trainer
+
+    overrides = [o for o in SMALL if not o.startswith(("trainer.total_training_steps", "checkpoint.save_interval"))]
+    cfg = load_config(CONFIG, overrides=overrides + [f"trainer.run_dir={run_dir}", "trainer.total_training_steps=2",
+                                                     "checkpoint.save_interval=0", "rollout.engine_kwargs.num_engines=2"])
+    trainer = Trainer(cfg)
+    trainer.fit()
+    engines = None
+    if rank == 0:
+        engines = [{k: v.clone() for k, v in e.model.state_dict().items()} for e in trainer.parts.engine.engines]
+    full = gather_full_state_dict(trainer.actor.model_chunks, groups=trainer.actor.groups)
+    return {"engines": engines, "embedding": full.get("embedding.word_embeddings.weight") if full else None}
+
+
+@pytest.mark.distributed
+def test_two_rollout_engines_share_the_work_and_the_weights(tmp_path):
+    from fipo_megatron.testing.distributed import run_distributed
+
+    run_dir = str(tmp_path / "two")
+    out = run_distributed(_train_two_engines, 2, args=(run_dir,), timeout=240)
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2]
+    # step 2 sampled (half the prompts on each engine) after the sync of step 1's update: the engines'
+    # log-probs equal the actor's recomputation to float rounding
+    assert all(r["rollout/logprob_abs_diff_max"] < 1e-4 for r in rows if "rollout/logprob_abs_diff_max" in r)
+    assert any("rollout/logprob_abs_diff_max" in r for r in rows if r["step"] == 2)
+    first, second = out[0]["engines"]
+    emb = out[0]["embedding"]
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert (first["model.embed_tokens.weight"] - emb[:first["model.embed_tokens.weight"].shape[0]]).abs().max() < 1e-6

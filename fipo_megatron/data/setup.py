@@ -144,6 +144,9 @@ def build_model_and_data(cfg: FipoConfig, *, rank: int, run_dir: str) -> RunPart
     from fipo_megatron.rollout.base import get_engine
 
     parts.engine = get_engine(cfg.rollout.engine, model_path=hf_dir, **cfg.rollout.engine_kwargs)
+    connect = getattr(parts.engine, "connect_weight_sync", None)
+    if connect is not None:  # disaggregated servers: join their weight-sync groups now, not at the first sync
+        connect()
     logger.info("data: %d train prompts%s; engine %s", len(parts.train_data),
                 f", {len(parts.val_data)} val prompts" if parts.val_data else "", type(parts.engine).__name__)
     return parts

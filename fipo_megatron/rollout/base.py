@@ -4,6 +4,7 @@ Every engine (SGLang, vLLM, the embedded transformers engine) implements ``Rollo
 only ever calls these methods, so engines swap behind one small surface (design principle 9):
 
     engine = get_engine("auto", hf_config=cfg)          # sglang on CUDA if importable, else vllm, else embedded
+    engine = get_engine("sglang", model_path=p, tp_size=4, num_engines=2)   # two replicas (rollout/multi.py)
     outs = engine.generate([[1, 2, 3]], SamplingParams(temperature=1.0, max_new_tokens=64))
     for bucket in export_buckets(...):                   # weights/export.py
         engine.update_weights(bucket)
@@ -125,16 +126,24 @@ EngineFactory = Callable[..., RolloutEngine]
 _ENGINES: dict[str, EngineFactory] = {}
 
 
-def register_engine(name: str) -> Callable[[EngineFactory], EngineFactory]:
-    """Decorator: register ``factory(**kwargs) -> RolloutEngine`` under ``name``."""
+def register_engine(name: str, *, replica_kwargs: Callable[[dict, int], dict] | None = None
+                    ) -> Callable[[EngineFactory], EngineFactory]:
+    """Decorator: register ``factory(**kwargs) -> RolloutEngine`` under ``name``.
+
+    ``replica_kwargs(kwargs, i)``: the keyword arguments of replica ``i`` when ``get_engine(...,
+    num_engines=k)`` builds several (e.g. a GPU offset); engines registered without it refuse k > 1."""
 
     def deco(factory: EngineFactory) -> EngineFactory:
         if name in _ENGINES and _ENGINES[name] is not factory:
             raise ValueError(f"rollout engine {name!r} is already registered")
         _ENGINES[name] = factory
+        _REPLICAS[name] = replica_kwargs
         return factory
 
     return deco
+
+
+_REPLICAS: dict[str, Callable[[dict, int], dict] | None] = {}
 
 
 def _ensure_builtin_engines() -> None:
@@ -160,15 +169,40 @@ def resolve_engine_name(name: str) -> str:
     return "embedded"
 
 
-def get_engine(name: str = "auto", **kwargs: Any) -> RolloutEngine:
-    """Build the engine registered as ``name`` ("auto" picks, see ``resolve_engine_name``)."""
+def get_engine(name: str = "auto", *, num_engines: int = 1, **kwargs: Any) -> RolloutEngine:
+    """Build the engine registered as ``name`` ("auto" picks, see ``resolve_engine_name``).
+
+    ``num_engines > 1``: that many replicas behind one ``rollout.multi.MultiEngine`` (engine data
+    parallelism), each built with the engine's ``replica_kwargs`` (see ``register_engine``)."""
     _ensure_builtin_engines()
     resolved = resolve_engine_name(name)
     if resolved not in _ENGINES:
         raise ValueError(f"unknown rollout engine {name!r}; registered: {sorted(_ENGINES)} (or 'auto')")
+    if isinstance(num_engines, bool) or not isinstance(num_engines, int) or num_engines < 1:
+        raise ValueError(f"num_engines must be an integer >= 1, got {num_engines!r}")
     if resolved != name:
         logger.info("rollout engine 'auto' resolved to %r", resolved)
-    return _ENGINES[resolved](**kwargs)
+    factory = _ENGINES[resolved]
+    if num_engines == 1:
+        return factory(**kwargs)
+    replica_kwargs = _REPLICAS.get(resolved)
+    if replica_kwargs is None:
+        raise ValueError(f"rollout engine {resolved!r} does not support num_engines > 1 (got {num_engines})")
+    from fipo_megatron.rollout.multi import MultiEngine
+
+    engines: list = []
+    try:
+        for i in range(num_engines):
+            engines.append(factory(**replica_kwargs(dict(kwargs), i)))
+    except BaseException:
+        for engine in engines:  # do not leak the replicas already started
+            try:
+                engine.shutdown()
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                logger.exception("shutting down rollout engine replica after a failed start")
+        raise
+    logger.info("rollout: %d %s engines (engine data parallelism)", num_engines, resolved)
+    return MultiEngine(engines)
 
 
 def registered_engines() -> list[str]:

@@ -206,6 +206,6 @@ class EmbeddedEngine:
         self.release_memory()
 
 
-@register_engine("embedded")
+@register_engine("embedded", replica_kwargs=lambda kwargs, i: kwargs)  # replicas: same device (tests, CPU)
 def _make_embedded(**kwargs) -> EmbeddedEngine:
     return EmbeddedEngine(**kwargs)

@@ -153,23 +153,68 @@ class SGLangEngine:
         self.engine.shutdown()
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WeightSyncConfig:
+    """Where a server joins the trainer's weight-sync group (``rollout.engine_kwargs.weight_sync``).
+
+    ``master_address``: an address of the exporting rank (global rank 0) that the server can reach;
+    default ``$MASTER_ADDR`` (torchrun sets it to rank 0's host), else this host's name.
+    ``master_port``: a free port there (server ``i`` of several uses ``master_port + i``).
+    ``engine_world_size``: the server's GPU worker count (its tp_size x dp_size).
+    """
+
+    master_port: int
+    engine_world_size: int
+    master_address: str | None = None
+    backend: str = "nccl"
+
+    def __post_init__(self):
+        if not 0 < self.master_port < 65536:
+            raise ValueError(f"weight_sync.master_port must be a port number, got {self.master_port}")
+        if self.engine_world_size < 1:
+            raise ValueError(f"weight_sync.engine_world_size must be >= 1, got {self.engine_world_size}")
+
+    def for_replica(self, i: int) -> "WeightSyncConfig":
+        return dataclasses.replace(self, master_port=self.master_port + i)
+
+    def address(self) -> str:
+        import os
+        import socket
+
+        return self.master_address or os.environ.get("MASTER_ADDR") or socket.getfqdn()
+
+
 class SGLangServerEngine:
     """``RolloutEngine`` over a running SGLang HTTP server (disaggregated: other GPUs or nodes).
 
     Generation is ``POST /generate``. Weights go over a process group shared with the server
-    (``init_weight_sync``, then buckets through ``weights.nccl_transport.NcclBroadcastTransport``);
-    ``update_weights`` itself is unsupported here because the tensors do not travel over HTTP.
+    (``connect_weight_sync``/``init_weight_sync``, then buckets through
+    ``weights.nccl_transport.NcclBroadcastTransport``); ``update_weights`` itself is unsupported here
+    because the tensors do not travel over HTTP. The trainer calls ``connect_weight_sync()`` once, on the
+    rank that builds the engine, with the ``weight_sync`` settings given here.
     """
 
     def __init__(self, *, base_url: str, retry: RetryPolicy = RetryPolicy(), group_name: str = "fipo_weight_sync",
-                 model_path: str | None = None):
+                 weight_sync: WeightSyncConfig | dict | None = None, model_path: str | None = None):
         # model_path is accepted (and unused) so get_engine(name, model_path=...) works for every engine:
         # the server was launched with its model already.
         del model_path
         self.base_url = base_url.rstrip("/")
         self.retry = retry
         self.group_name = group_name
+        self.weight_sync = WeightSyncConfig(**weight_sync) if isinstance(weight_sync, dict) else weight_sync
         self.group = None
+
+    def connect_weight_sync(self):
+        """Join this server's weight-sync group with the configured settings (once, before the first sync)."""
+        if self.weight_sync is None:
+            raise ValueError(f"SGLang server {self.base_url}: rollout.engine_kwargs.weight_sync is not set; it needs "
+                             "master_port and engine_world_size (the server's tp_size x dp_size)")
+        ws = self.weight_sync
+        logger.info("weight sync: joining %s's group at %s:%d (%d engine ranks, %s)", self.base_url, ws.address(),
+                    ws.master_port, ws.engine_world_size, ws.backend)
+        return self.init_weight_sync(master_address=ws.address(), master_port=ws.master_port,
+                                     engine_world_size=ws.engine_world_size, backend=ws.backend)
 
     def _post(self, route: str, payload: Any = None, *, retry: RetryPolicy | None = None) -> Any:
         return request_json(f"{self.base_url}{route}", payload if payload is not None else {},
@@ -250,11 +295,36 @@ def _check_success(answer: Any) -> None:
         raise RuntimeError(f"SGLang refused the request: {answer.get('message')}")
 
 
-@register_engine("sglang")
+def _sglang_replica(kwargs: dict, i: int) -> dict:
+    """Replica ``i`` of a colocated engine takes the next ``tp_size`` GPUs of the node and its own seed."""
+    config = kwargs.pop("config", None) or SGLangEngineConfig(**kwargs)
+    return {"config": dataclasses.replace(config, base_gpu_id=config.base_gpu_id + i * config.tp_size,
+                                          random_seed=config.random_seed + i)}
+
+
+@register_engine("sglang", replica_kwargs=_sglang_replica)
 def _make_sglang(**kwargs):
     return SGLangEngine(**kwargs)
 
 
 @register_engine("sglang_server")
-def _make_sglang_server(**kwargs):
-    return SGLangServerEngine(**kwargs)
+def _make_sglang_server(*, base_url: str | None = None, base_urls: list[str] | None = None,
+                        weight_sync: dict | WeightSyncConfig | None = None, **kwargs):
+    """One server (``base_url``) or several (``base_urls``: engine data parallelism, each server with its own
+    weight-sync group on ``weight_sync.master_port + i``)."""
+    if (base_url is None) == (not base_urls):
+        raise ValueError("sglang_server needs exactly one of base_url (one server) or base_urls (a list of servers)")
+    colocated_only = sorted(set(kwargs) & {f.name for f in dataclasses.fields(SGLangEngineConfig)} - {"model_path"})
+    if colocated_only:
+        raise ValueError(f"sglang_server does not take {colocated_only}: those configure the colocated 'sglang' "
+                         "engine (a server is launched with its own settings)")
+    urls = [base_url] if base_url is not None else list(base_urls)
+    if isinstance(weight_sync, dict):
+        weight_sync = WeightSyncConfig(**weight_sync)
+    engines = [SGLangServerEngine(base_url=url, weight_sync=weight_sync and weight_sync.for_replica(i),
+                                  group_name=f"fipo_weight_sync_{i}", **kwargs) for i, url in enumerate(urls)]
+    if len(engines) == 1:
+        return engines[0]
+    from fipo_megatron.rollout.multi import MultiEngine
+
+    return MultiEngine(engines)

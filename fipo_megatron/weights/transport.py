@@ -12,6 +12,8 @@ A transport has ``send(bucket)`` (one bucket of HF-named full tensors, from ``we
 - ``CudaIpcTransport`` (GPU only): turns each CUDA tensor into a CUDA IPC handle and hands the handles to
   a callback (e.g. a request to an engine process on the same GPU); ``rebuild_from_ipc`` opens them.
 - ``NcclBroadcastTransport`` lives in ``weights/nccl_transport.py`` (GPU only, disaggregated engines).
+- ``FanOutTransport``: the same buckets through several transports in turn (engine data parallelism,
+  ``rollout.multi.MultiEngine``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,26 @@ class InProcessTransport:
 
     def finish(self) -> None:
         self.engine.finish_weight_update()
+
+
+class FanOutTransport:
+    """Send each bucket through every transport in turn (one per engine replica), then finish them all.
+
+    Sequential on purpose: broadcast transports drive collectives from this thread, and the buckets are
+    read-only views of the export that every replica may copy from."""
+
+    def __init__(self, transports: list):
+        if not transports:
+            raise ValueError("FanOutTransport needs at least one transport")
+        self.transports = list(transports)
+
+    def send(self, bucket: NamedTensors) -> None:
+        for transport in self.transports:
+            transport.send(bucket)
+
+    def finish(self) -> None:
+        for transport in self.transports:
+            transport.finish()
 
 
 class DiskTransport:
