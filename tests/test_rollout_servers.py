@@ -277,39 +277,27 @@ def test_mismatch_metrics_against_float64_reference():
         rollout_mismatch_metrics(actor_log_probs=actor[:1], rollout_log_probs=[[-0.1]])
 
 
-def _free_port_pair() -> int:
-    """A port p with p and p + 1 both free right now (two servers' weight groups)."""
-    for _ in range(50):
-        p = _free_port()
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", p + 1))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no two consecutive free ports")
-
-
 def _multi_trainer_process(urls, port, done_queue):
-    """The exporting rank with two servers: the config's factory, connect_weight_sync, a fanned-out sync."""
-    from fipo_megatron.rollout.multi import MultiEngine
-    from fipo_megatron.weights.transport import FanOutTransport, transport_for
+    """The exporting rank with two servers: the config's factory, connect_weight_sync, one group for both."""
+    from fipo_megatron.weights.nccl_transport import NcclBroadcastTransport
+    from fipo_megatron.weights.transport import transport_for
 
     def make_transport():
         engine = get_engine("sglang_server", base_urls=urls, retry=RetryPolicy(max_retries=0, timeout_s=30),
                             weight_sync={"master_port": port, "engine_world_size": 1, "master_address": "127.0.0.1",
                                          "backend": "gloo"})
-        assert isinstance(engine, MultiEngine) and len(engine) == 2
-        engine.connect_weight_sync()  # what data/setup.py does on the engine's rank
+        assert isinstance(engine, sglang_engine.SGLangServerPool) and len(engine) == 2
+        group = engine.connect_weight_sync()  # what data/setup.py does on the engine's rank
+        assert group.size() == 3  # trainer + one worker per server: one broadcast reaches both
         transport = transport_for(engine)
-        assert isinstance(transport, FanOutTransport) and len(transport.transports) == 2
+        assert isinstance(transport, NcclBroadcastTransport)
         return transport
 
     _send_buckets_and_report(done_queue, make_transport)
 
 
 @pytest.mark.timeout(120)
-def test_two_servers_each_get_every_bucket_over_their_own_group():
+def test_two_servers_get_every_bucket_over_one_group():
     ctx = mp.get_context("fork")
     port_qs, result_qs, done_q = [ctx.Queue(), ctx.Queue()], [ctx.Queue(), ctx.Queue()], ctx.Queue()
     servers = [ctx.Process(target=_fake_sglang_server_process, args=(pq, rq), daemon=True)
@@ -319,7 +307,7 @@ def test_two_servers_each_get_every_bucket_over_their_own_group():
     trainer = None
     try:
         urls = [q.get(timeout=30) for q in port_qs]
-        trainer = ctx.Process(target=_multi_trainer_process, args=(urls, _free_port_pair(), done_q), daemon=True)
+        trainer = ctx.Process(target=_multi_trainer_process, args=(urls, _free_port(), done_q), daemon=True)
         trainer.start()
         assert done_q.get(timeout=90) == "ok"
         sent = {n: t for b in _buckets() for n, t in b}
@@ -361,3 +349,8 @@ def test_two_servers_split_generation_and_config_errors():
         get_engine("sglang_server", base_url="http://x", tp_size=8, mem_fraction_static=0.5)
     with pytest.raises(ValueError, match="engine_world_size"):
         get_engine("sglang_server", base_url="http://x", weight_sync={"master_port": 1234, "engine_world_size": 0})
+    with pytest.raises(ValueError, match="lists 3 sizes for 2 servers"):
+        get_engine("sglang_server", base_urls=["http://x", "http://y"],
+                   weight_sync={"master_port": 1234, "engine_world_size": [1, 2, 4]})
+    sizes = sglang_engine.WeightSyncConfig(master_port=1234, engine_world_size=[2, 4]).world_sizes(2)
+    assert sizes == [2, 4]

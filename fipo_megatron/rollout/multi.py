@@ -1,8 +1,8 @@
 """Engine data parallelism: several rollout engines behind one ``RolloutEngine``.
 
     engine = get_engine("sglang", model_path=p, tp_size=4, num_engines=2)   # GPUs 0-3 and 4-7 of rank 0's node
-    engine = get_engine("sglang_server", base_urls=[url_a, url_b],
-                        weight_sync={"master_port": 29600, "engine_world_size": 4})  # two servers
+    engine = get_engine("sglang_server", base_urls=[url_a, url_b],   # two servers (SGLangServerPool)
+                        weight_sync={"master_port": 29600, "engine_world_size": 4})
     outs = engine.generate(prompts, sampling)      # prompts split across engines, run concurrently
 
 - ``generate``: the prompts are cut into contiguous, near-equal shards (all ``n`` samples of a prompt stay
@@ -11,8 +11,9 @@
   ``prompt_index``. With a ``seed``, engine ``i`` samples with ``seed + i``, so a run is reproducible for
   a fixed engine count (not across counts).
 - Weights: ``weight_transport()`` fans every bucket out to each engine's own transport
-  (``weights.transport.FanOutTransport``): in-process copies for colocated engines, one broadcast group
-  per server for disaggregated ones. ``connect_weight_sync()`` sets up each server's group once.
+  (``weights.transport.FanOutTransport``): in-process copies for colocated engines. Several SGLang
+  servers are a ``rollout.sglang_engine.SGLangServerPool`` instead (this class plus one weight group
+  spanning all servers, so one broadcast per tensor reaches every server).
 - Memory release/resume, cache flushes and shutdown go to every engine; shutdown stops all of them even if
   one fails, then raises the first failure.
 """

@@ -30,6 +30,7 @@ import torch
 from fipo_megatron.log import get_logger
 from fipo_megatron.rollout.base import RolloutOutput, SamplingParams, register_engine
 from fipo_megatron.rollout.http_client import RetryPolicy, request_json
+from fipo_megatron.rollout.multi import MultiEngine
 
 logger = get_logger(__name__)
 
@@ -155,33 +156,80 @@ class SGLangEngine:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WeightSyncConfig:
-    """Where a server joins the trainer's weight-sync group (``rollout.engine_kwargs.weight_sync``).
+    """Where servers join the trainer's weight-sync group (``rollout.engine_kwargs.weight_sync``).
 
-    ``master_address``: an address of the exporting rank (global rank 0) that the server can reach;
-    default ``$MASTER_ADDR`` (torchrun sets it to rank 0's host), else this host's name.
-    ``master_port``: a free port there (server ``i`` of several uses ``master_port + i``).
-    ``engine_world_size``: the server's GPU worker count (its tp_size x dp_size).
+    One group holds the exporting rank (global rank 0, group rank 0) and every server's GPU workers
+    (server ``i`` from ``rank_offset = 1 + sum of the earlier servers' sizes``), so one broadcast per tensor
+    reaches all servers.
+
+    ``master_address``: an address of the exporting rank that the servers can reach; default
+    ``$MASTER_ADDR`` (torchrun sets it to rank 0's host), else this host's name. ``master_port``: a free port
+    there. ``engine_world_size``: a server's GPU worker count (its tp_size x dp_size); one number for all
+    servers, or a list with one per server.
     """
 
     master_port: int
-    engine_world_size: int
+    engine_world_size: int | list[int]
     master_address: str | None = None
     backend: str = "nccl"
 
     def __post_init__(self):
         if not 0 < self.master_port < 65536:
             raise ValueError(f"weight_sync.master_port must be a port number, got {self.master_port}")
-        if self.engine_world_size < 1:
-            raise ValueError(f"weight_sync.engine_world_size must be >= 1, got {self.engine_world_size}")
+        sizes = self.engine_world_size if isinstance(self.engine_world_size, list) else [self.engine_world_size]
+        if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+            raise ValueError(f"weight_sync.engine_world_size must be an integer >= 1 or a list of them, "
+                             f"got {self.engine_world_size!r}")
 
-    def for_replica(self, i: int) -> "WeightSyncConfig":
-        return dataclasses.replace(self, master_port=self.master_port + i)
+    def world_sizes(self, num_servers: int) -> list[int]:
+        if not isinstance(self.engine_world_size, list):
+            return [self.engine_world_size] * num_servers
+        if len(self.engine_world_size) != num_servers:
+            raise ValueError(f"weight_sync.engine_world_size lists {len(self.engine_world_size)} sizes for "
+                             f"{num_servers} servers")
+        return list(self.engine_world_size)
 
     def address(self) -> str:
         import os
         import socket
 
         return self.master_address or os.environ.get("MASTER_ADDR") or socket.getfqdn()
+
+
+def join_weight_group(servers: list["SGLangServerEngine"], *, master_address: str, master_port: int,
+                      engine_world_sizes: list[int], group_name: str, backend: str = "nccl"):
+    """Create the group of the exporting rank (rank 0) and the servers' workers; call on that rank only.
+
+    Each server is asked (``/init_weights_update_group``, concurrently) to join at its rank offset while this
+    rank joins the same rendezvous; a refusal raises naming the server."""
+    import threading
+
+    from fipo_megatron.weights.nccl_transport import init_weight_update_group
+
+    world_size = 1 + sum(engine_world_sizes)
+    offsets = [1 + sum(engine_world_sizes[:i]) for i in range(len(servers))]
+    errors: list[BaseException] = []
+
+    def ask(server, offset):
+        payload = {"master_address": master_address, "master_port": master_port, "rank_offset": offset,
+                   "world_size": world_size, "group_name": group_name, "backend": backend}
+        try:
+            _check_success(server._post("/init_weights_update_group", payload, retry=_no_retry(server.retry)))
+        except BaseException as e:
+            errors.append(RuntimeError(f"SGLang server {server.base_url} did not join the weight-sync group: {e!r}"))
+
+    threads = [threading.Thread(target=ask, args=(srv, off), daemon=True) for srv, off in zip(servers, offsets)]
+    for thread in threads:
+        thread.start()  # each server joins the rendezvous while handling its request
+    logger.info("weight sync: group of %d ranks at %s:%d (%s): trainer + %s", world_size, master_address,
+                master_port, backend, ", ".join(f"{srv.base_url} x{n}" for srv, n in zip(servers, engine_world_sizes)))
+    group = init_weight_update_group(master_address=master_address, master_port=master_port, rank=0,
+                                     world_size=world_size, group_name=group_name, backend=backend)
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return group
 
 
 class SGLangServerEngine:
@@ -207,14 +255,9 @@ class SGLangServerEngine:
 
     def connect_weight_sync(self):
         """Join this server's weight-sync group with the configured settings (once, before the first sync)."""
-        if self.weight_sync is None:
-            raise ValueError(f"SGLang server {self.base_url}: rollout.engine_kwargs.weight_sync is not set; it needs "
-                             "master_port and engine_world_size (the server's tp_size x dp_size)")
-        ws = self.weight_sync
-        logger.info("weight sync: joining %s's group at %s:%d (%d engine ranks, %s)", self.base_url, ws.address(),
-                    ws.master_port, ws.engine_world_size, ws.backend)
+        ws = _require_weight_sync(self.weight_sync)
         return self.init_weight_sync(master_address=ws.address(), master_port=ws.master_port,
-                                     engine_world_size=ws.engine_world_size, backend=ws.backend)
+                                     engine_world_size=ws.world_sizes(1)[0], backend=ws.backend)
 
     def _post(self, route: str, payload: Any = None, *, retry: RetryPolicy | None = None) -> Any:
         return request_json(f"{self.base_url}{route}", payload if payload is not None else {},
@@ -227,28 +270,9 @@ class SGLangServerEngine:
     def init_weight_sync(self, *, master_address: str, master_port: int, engine_world_size: int,
                          backend: str = "nccl"):
         """Create the trainer(rank 0) + engine(ranks 1..N) group; call on the exporting rank only."""
-        import threading
-
-        from fipo_megatron.weights.nccl_transport import init_weight_update_group
-
-        payload = {"master_address": master_address, "master_port": master_port, "rank_offset": 1,
-                   "world_size": engine_world_size + 1, "group_name": self.group_name, "backend": backend}
-        errors: list[BaseException] = []
-
-        def ask():
-            try:
-                _check_success(self._post("/init_weights_update_group", payload, retry=_no_retry(self.retry)))
-            except BaseException as e:
-                errors.append(e)
-
-        thread = threading.Thread(target=ask, daemon=True)
-        thread.start()  # the server joins the rendezvous while handling the request
-        self.group = init_weight_update_group(master_address=master_address, master_port=master_port, rank=0,
-                                              world_size=engine_world_size + 1, group_name=self.group_name,
-                                              backend=backend)
-        thread.join()
-        if errors:
-            raise errors[0]
+        self.group = join_weight_group([self], master_address=master_address, master_port=master_port,
+                                       engine_world_sizes=[engine_world_size], group_name=self.group_name,
+                                       backend=backend)
         return self.group
 
     def announce_bucket(self, names: list[str], dtypes: list[str], shapes: list[list[int]]) -> None:
@@ -307,24 +331,56 @@ def _make_sglang(**kwargs):
     return SGLangEngine(**kwargs)
 
 
+class SGLangServerPool(MultiEngine):
+    """Several SGLang servers as one engine: generation is split across them (``MultiEngine``), and weights
+    travel over one group spanning all of them (``join_weight_group``): per bucket every server is told the
+    names (concurrently), then one broadcast per tensor reaches them all."""
+
+    def __init__(self, servers: list[SGLangServerEngine], *, weight_sync: WeightSyncConfig | None = None):
+        super().__init__(servers)
+        self.weight_sync = weight_sync
+        self.group = None
+
+    def connect_weight_sync(self):
+        ws = _require_weight_sync(self.weight_sync)
+        self.group = join_weight_group(self.engines, master_address=ws.address(), master_port=ws.master_port,
+                                       engine_world_sizes=ws.world_sizes(len(self.engines)),
+                                       group_name=self.engines[0].group_name, backend=ws.backend)
+        return self.group
+
+    def announce_bucket(self, names: list[str], dtypes: list[str], shapes: list[list[int]]) -> None:
+        self._on_all("announce_bucket", names, dtypes, shapes)
+
+    def weight_transport(self, *, device=None):
+        from fipo_megatron.weights.nccl_transport import NcclBroadcastTransport
+
+        if self.group is None:
+            raise RuntimeError("call connect_weight_sync() before syncing weights to SGLang servers")
+        return NcclBroadcastTransport(group=self.group, announce=self.announce_bucket,
+                                      on_finish=self.finish_weight_update, device=device)
+
+
+def _require_weight_sync(weight_sync):
+    if weight_sync is None:
+        raise ValueError("rollout.engine_kwargs.weight_sync is not set; an SGLang server needs master_port and "
+                         "engine_world_size (its tp_size x dp_size) to join the trainer's weight-sync group")
+    return weight_sync
+
+
 @register_engine("sglang_server")
 def _make_sglang_server(*, base_url: str | None = None, base_urls: list[str] | None = None,
                         weight_sync: dict | WeightSyncConfig | None = None, **kwargs):
-    """One server (``base_url``) or several (``base_urls``: engine data parallelism, each server with its own
-    weight-sync group on ``weight_sync.master_port + i``)."""
+    """One server (``base_url``) or several (``base_urls``: engine data parallelism over one weight group)."""
     if (base_url is None) == (not base_urls):
         raise ValueError("sglang_server needs exactly one of base_url (one server) or base_urls (a list of servers)")
     colocated_only = sorted(set(kwargs) & {f.name for f in dataclasses.fields(SGLangEngineConfig)} - {"model_path"})
     if colocated_only:
         raise ValueError(f"sglang_server does not take {colocated_only}: those configure the colocated 'sglang' "
                          "engine (a server is launched with its own settings)")
-    urls = [base_url] if base_url is not None else list(base_urls)
     if isinstance(weight_sync, dict):
         weight_sync = WeightSyncConfig(**weight_sync)
-    engines = [SGLangServerEngine(base_url=url, weight_sync=weight_sync and weight_sync.for_replica(i),
-                                  group_name=f"fipo_weight_sync_{i}", **kwargs) for i, url in enumerate(urls)]
-    if len(engines) == 1:
-        return engines[0]
-    from fipo_megatron.rollout.multi import MultiEngine
-
-    return MultiEngine(engines)
+    if base_url is not None:
+        return SGLangServerEngine(base_url=base_url, weight_sync=weight_sync, **kwargs)
+    if weight_sync is not None:
+        weight_sync.world_sizes(len(base_urls))  # a size list of the wrong length fails here, not at start-up
+    return SGLangServerPool([SGLangServerEngine(base_url=url, **kwargs) for url in base_urls], weight_sync=weight_sync)
