@@ -17,7 +17,9 @@ One step, as the spec reads (``Trainer.train_step``):
                    atomic run checkpoint (model, optimizer, LR, RNG, data position, step).
 
 The rollout lives on global rank 0 (the embedded engine, or a client of an SGLang/vLLM server); every
-other rank waits in the broadcast. Sampling seeds derive from ``(trainer.seed, step, gen batch)``, so a
+other rank waits in the broadcast. If the rollout raises (an engine unreachable after its retries) or a
+weight sync fails, every rank checkpoints the last complete state and stops (``RolloutError`` /
+``WeightSyncError``), so a resume loses nothing. Sampling seeds derive from ``(trainer.seed, step, gen batch)``, so a
 resumed run draws exactly what an uninterrupted one would.
 """
 
@@ -40,8 +42,14 @@ from fipo_megatron.data.setup import build_model_and_data
 from fipo_megatron.log import get_logger
 from fipo_megatron.metrics import MetricsLogger, response_length_metrics
 from fipo_megatron.rollout.mismatch import rollout_mismatch_metrics
+from fipo_megatron.weights.transport import WeightSyncError
 
 logger = get_logger(__name__)
+
+
+class RolloutError(RuntimeError):
+    """The rollout failed on rank 0 (an engine unreachable after its retries, a crashed server, ...); raised
+    on every rank after the state the failed step started from was checkpointed."""
 
 
 class Trainer:
@@ -81,12 +89,12 @@ class Trainer:
         bar = self._progress_bar()
         try:
             if cfg.trainer.val_before_train and self.step == 0:
-                self.metrics.log(0, self.validate())
+                self.metrics.log(0, self._validate_everywhere())
             while self.step < cfg.trainer.total_training_steps:
                 self.step += 1
                 metrics = self.train_step()
                 if cfg.trainer.val_interval and self.step % cfg.trainer.val_interval == 0:
-                    metrics.update(self.validate())
+                    metrics.update(self._validate_everywhere())
                 if self._last_save_s is not None:
                     metrics["timing/last_save"], self._last_save_s = self._last_save_s, None
                 # Log, then save: a crash in between resumes from the previous checkpoint and re-logs this step.
@@ -110,9 +118,20 @@ class Trainer:
         """One RL step on every rank; returns the step's metrics (complete on rank 0)."""
         self.timings = {}
         t0 = time.perf_counter()
+        data_at_start = self.parts.sampler.state_dict() if self.rank == 0 else None
         with self._timed("rollout_total"):
-            batch, metrics = self._rollout_on_rank0() if self.rank == 0 else (None, {})
-            batch = _broadcast_object(batch)
+            error, batch, metrics = None, None, {}
+            if self.rank == 0:
+                try:
+                    batch, metrics = self._rollout_on_rank0()
+                except Exception as e:  # noqa: BLE001 - every rank learns of it below and stops together
+                    logger.exception("step %d: rollout failed", self.step)
+                    error = f"{type(e).__name__}: {e}"
+            error, batch = _broadcast_rollout(error, batch)
+        if error is not None:
+            # Nothing of this step has touched the model: keep what the previous step produced.
+            self._save_before_stopping(self.step - 1, data_state=data_at_start, reason=error)
+            raise RolloutError(f"step {self.step}: rollout failed on rank 0: {error}")
         if batch is not None:
             if self.parts.engine is not None:
                 self.parts.engine.release_memory()  # a colocated engine gives its GPU memory to training
@@ -135,7 +154,12 @@ class Trainer:
                 metrics.update(rollout_mismatch_metrics(actor_log_probs=actor_log_probs,
                                                         rollout_log_probs=[s.rollout_log_probs for s in batch.samples]))
             with self._timed("sync"):
-                metrics.update(self.sync_weights())
+                try:
+                    metrics.update(self.sync_weights())
+                except WeightSyncError as e:  # raised on every rank; the update itself is complete
+                    self._save_before_stopping(self.step, data_state=self.parts.sampler.state_dict()
+                                               if self.rank == 0 else None, reason=repr(e))
+                    raise
             num_tokens = sum(s.num_tokens for s in batch.samples)
             metrics["perf/total_num_tokens"] = float(num_tokens)
         metrics.update({f"timing/{k}": v for k, v in self.timings.items()})
@@ -250,6 +274,42 @@ class Trainer:
         state = {"data": self.parts.sampler.state_dict() if self.rank == 0 else None}
         return self.ckpt.save(step=self.step, trainer_state=state, save_model=self.actor.save_checkpoint)
 
+    def _validate_everywhere(self) -> dict[str, float]:
+        """``validate`` on rank 0; a failure there stops every rank (after saving this step) instead of
+        leaving the others waiting in the next collective."""
+        error, out = None, {}
+        if self.rank == 0:
+            try:
+                out = self.validate()
+            except Exception as e:  # noqa: BLE001
+                logger.exception("step %d: validation failed", self.step)
+                error = f"{type(e).__name__}: {e}"
+        error = _broadcast_from_rank0(error)
+        if error is not None:
+            self._save_before_stopping(self.step, data_state=self.parts.sampler.state_dict() if self.rank == 0
+                                       else None, reason=error)
+            raise RolloutError(f"step {self.step}: validation failed on rank 0: {error}")
+        return out
+
+    def _save_before_stopping(self, step: int, *, data_state, reason: str) -> None:
+        """Checkpoint ``step`` (every rank) on the way out of a failed step, unless it is saved already, so a
+        resume loses nothing; a failure to save is logged and the original error goes on."""
+        saved = None
+        if self.rank == 0:
+            try:
+                latest = self.ckpt.latest()
+                saved = latest is not None and os.path.basename(latest) == f"step_{step:08d}"
+            except Exception:  # noqa: BLE001 - a broken 'latest' must not hide the original error
+                logger.exception("could not read the latest checkpoint")
+        saved = _broadcast_from_rank0(saved)  # one decision for all ranks: the save is collective
+        if step < 1 or saved is not False:
+            return
+        logger.error("stopping after: %s; saving step %d first", reason, step)
+        try:
+            self.ckpt.save(step=step, trainer_state={"data": data_state}, save_model=self.actor.save_checkpoint)
+        except Exception:  # noqa: BLE001
+            logger.exception("could not save step %d before stopping", step)
+
     def _maybe_resume(self) -> bool:
         mode = self.cfg.checkpoint.resume
         if mode == "never":
@@ -287,16 +347,28 @@ def _derive_seed(cfg: FipoConfig, step: int, gen_batch: int) -> int:
     return (base * 1_000_003 + step * 1009 + gen_batch) % (2**31 - 1)
 
 
-def _broadcast_object(batch: TrainBatch | None) -> TrainBatch | None:
-    """Broadcast the step's batch from global rank 0. Token ids travel as int32 arrays; the engine's
-    log-probs stay on rank 0 (only its mismatch metric reads them), which keeps every other rank's copy
-    of a 20k-token x 8192-response batch small. Rank 0 keeps its own object."""
+def _broadcast_from_rank0(obj):
+    """``obj`` as global rank 0 has it, on every rank (picklable objects)."""
     if dist.get_world_size() == 1:
-        return batch
-    box = [_compact(batch) if dist.get_rank() == 0 else None]
+        return obj
+    box = [obj]
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     dist.broadcast_object_list(box, src=0, device=device)
-    return batch if dist.get_rank() == 0 else _expand(box[0])
+    return box[0]
+
+
+def _broadcast_rollout(error: str | None, batch: TrainBatch | None) -> tuple[str | None, TrainBatch | None]:
+    """Broadcast rank 0's rollout outcome: an error message, or the step's batch. Token ids travel as int32
+    arrays; the engine's log-probs stay on rank 0 (only its mismatch metric reads them), which keeps every
+    other rank's copy of a 20k-token x 8192-response batch small. Rank 0 keeps its own object."""
+    if dist.get_world_size() == 1:
+        return error, batch
+    outcome = _broadcast_from_rank0((error, None if error is not None else _compact(batch))
+                                    if dist.get_rank() == 0 else None)
+    if dist.get_rank() == 0:
+        return error, batch
+    error, payload = outcome
+    return error, _expand(payload)
 
 
 def _compact(batch: TrainBatch | None):

@@ -23,13 +23,28 @@ SMALL = ["data.train_batch_size=4", "data.gen_batch_size=4", "rollout.n=4", "act
          "parallel.tp=2", "logging.mismatch_interval=2"]
 
 
-def _train(rank, world_size, run_dir, kill_at_step):
+def _train(rank, world_size, run_dir, kill_at_step, fail_at_step=None):
     from fipo_megatron.config import load_config
-    from fipo_megatron.trainer import Trainer
+    from fipo_megatron.trainer import RolloutError, Trainer
 
     cfg = load_config(CONFIG, overrides=SMALL + [f"trainer.run_dir={run_dir}"])
     trainer = Trainer(cfg)
     train_step = trainer.train_step
+    if fail_at_step is not None and rank == 0:  # the engine becomes unreachable at that step
+        generate = trainer.parts.engine.generate
+
+        def failing_generate(*args, **kwargs):
+            if trainer.step == fail_at_step:
+                raise ConnectionError("engine unreachable after 5 retries")
+            return generate(*args, **kwargs)
+
+        trainer.parts.engine.generate = failing_generate
+    if fail_at_step is not None:
+        try:
+            trainer.fit()
+        except RolloutError as e:
+            return {"error": str(e), "step": trainer.step}
+        return {"error": None}
     per_step_minibatches = []
 
     def step_hook():
@@ -109,6 +124,21 @@ def test_train_kill_resume_matches_uninterrupted(tmp_path):
             same = va == vb or (isinstance(va, float) and isinstance(vb, float) and math.isclose(va, vb, rel_tol=1e-9, abs_tol=1e-12))
             assert same, (ra["step"], k, va, vb)
 
+    # The engine fails at step 4 (after checkpoint 2): every rank stops with RolloutError after saving
+    # step 3, which the failed step started from; a resume from it reproduces the uninterrupted step 4.
+    fail_dir = str(tmp_path / "fail")
+    failed = run_distributed(_train, 2, args=(fail_dir, None, 4), timeout=240)
+    for r in failed:
+        assert r["step"] == 4 and "rollout failed on rank 0: ConnectionError: engine unreachable" in r["error"]
+    ckpts = sorted(os.listdir(os.path.join(fail_dir, "checkpoints")))
+    assert ckpts == ["latest", "step_00000002", "step_00000003"]
+    assert [r["step"] for r in read_metrics(os.path.join(fail_dir, "metrics.jsonl"))] == [1, 2, 3]
+    run_distributed(_train, 2, args=(fail_dir, None), timeout=240)
+    after = _comparable(read_metrics(os.path.join(fail_dir, "metrics.jsonl")))
+    assert [r["step"] for r in after] == [1, 2, 3, 4]
+    for k, v in a[3].items():
+        assert v == after[3][k] or math.isclose(v, after[3][k], rel_tol=1e-9, abs_tol=1e-12), (k, v, after[3][k])
+
     # tools/evaluate.py on the run checkpoint (converted to HF on the fly) runs and scores the synthetic task.
     # It runs as its own process, as a user runs it: in-process it would leave the Megatron checkpoint
     # loader's and the scorer's threads in this test process, and later fork-based tests would inherit
@@ -159,3 +189,29 @@ def test_two_rollout_engines_share_the_work_and_the_weights(tmp_path):
     for name in first:
         assert torch.equal(first[name], second[name]), name
     assert (first["model.embed_tokens.weight"] - emb[:first["model.embed_tokens.weight"].shape[0]]).abs().max() < 1e-6
+
+
+def _train_validation_fails(rank, world_size, run_dir):
+    from fipo_megatron.config import load_config
+    from fipo_megatron.trainer import RolloutError, Trainer
+
+    cfg = load_config(CONFIG, overrides=SMALL + [f"trainer.run_dir={run_dir}", "trainer.val_before_train=true"])
+    trainer = Trainer(cfg)
+    if rank == 0:
+        def broken_validate():
+            raise TimeoutError("validation engine timed out")
+
+        trainer.validate = broken_validate
+    try:
+        trainer.fit()
+    except RolloutError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.distributed
+def test_a_validation_failure_on_rank0_stops_every_rank(tmp_path):
+    from fipo_megatron.testing.distributed import run_distributed
+
+    out = run_distributed(_train_validation_fails, 2, args=(str(tmp_path / "val"),), timeout=120)
+    assert all(msg and "validation failed on rank 0: TimeoutError: validation engine timed out" in msg for msg in out)
