@@ -114,11 +114,14 @@ class ModelConfig:
 class RolloutConfig:
     """Which engine generates (``engine_kwargs`` go to its factory, e.g. SGLang's ``tp_size``; ``num_engines``
     there builds several replicas, ``base_urls`` + ``weight_sync`` point at several SGLang servers: see
-    docs/rollout.md), the weight-sync bucket size, and validation sampling. Training sampling (``n``, ``temperature``, ``top_p``, ``top_k``,
+    docs/rollout.md), where colocated engines run (``placement``: ``rank0``, one engine driven by global
+    rank 0; ``per_node``, one on every node, each fed by its node's model replica), the weight-sync bucket
+    size, and validation sampling. Training sampling (``n``, ``temperature``, ``top_p``, ``top_k``,
     ``seed``) is ``SamplingParams``, in the same YAML section."""
 
     engine: str = "auto"
     engine_kwargs: dict = field(default_factory=dict)
+    placement: str = "rank0"
     sync_bucket_mb: int = 512      # weight-sync bucket: peak extra memory ~2x this on the exporting ranks
     val_n: int = 1
     val_temperature: float = 1.0
@@ -131,6 +134,11 @@ class RolloutConfig:
             raise ValueError(f"sync_bucket_mb must be >= 1, got {self.sync_bucket_mb}")
         if not 0.0 < self.val_top_p <= 1.0:
             raise ValueError(f"val_top_p must be in (0, 1], got {self.val_top_p}")
+        if self.placement not in ("rank0", "per_node"):
+            raise ValueError(f"placement must be 'rank0' or 'per_node', got {self.placement!r}")
+        if self.placement == "per_node" and self.engine == "sglang_server":
+            raise ValueError("placement=per_node places colocated engines; SGLang servers run where they were "
+                             "launched (list them in engine_kwargs.base_urls, placement=rank0)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -306,6 +314,9 @@ class FipoConfig:
         if a.use_distributed_optimizer != self.parallel.use_distributed_optimizer:
             raise ValueError(f"actor.use_distributed_optimizer ({a.use_distributed_optimizer}) and "
                              f"parallel.use_distributed_optimizer ({self.parallel.use_distributed_optimizer}) disagree")
+        if self.rollout.placement == "per_node" and self.parallel.pp != 1:
+            raise ValueError(f"rollout.placement=per_node needs parallel.pp == 1 (got {self.parallel.pp}): each node "
+                             "must hold whole model replicas to feed its engine")
         if self.algorithm.filter_groups.enable and self.sampling.n < 2:
             raise ValueError("algorithm.filter_groups.enable needs rollout.n >= 2 (groups of one always agree)")
 

@@ -65,11 +65,36 @@ class Trainer:
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
-        self.parts = build_model_and_data(cfg, rank=self.rank, run_dir=self.run_dir)  # tokenizer, data, engine
+        # rollout.placement=per_node: an engine on every node's first rank, driven from rank 0 over a gloo
+        # group of those ranks (rollout/node_engines.py). Checked before anything heavy is built.
+        self._rollout_group, self._ranks_per_node = None, None
+        engine_here = self.rank == 0
+        if cfg.rollout.placement == "per_node":
+            from fipo_megatron.rollout.node_engines import check_per_node_layout, node_leaders
+
+            self._ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+            check_per_node_layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp,
+                                  ranks_per_node=self._ranks_per_node)
+            leaders = node_leaders(dist.get_world_size(), self._ranks_per_node)
+            self._rollout_group = dist.new_group(leaders, backend="gloo")  # every rank takes part in new_group
+            engine_here = self.rank in leaders
+        self.parts = build_model_and_data(cfg, rank=self.rank, run_dir=self.run_dir,
+                                          engine_here=engine_here)  # tokenizer, data, engine(s)
+        if self._rollout_group is not None and self.rank == 0:
+            from fipo_megatron.rollout.node_engines import NodeEngines
+
+            self.parts.engine = NodeEngines(self.parts.engine, group=self._rollout_group, leaders=leaders)
         from fipo_megatron.actor.actor import MegatronActor
 
         self.actor = MegatronActor(hf_config=self.parts.hf_config, parallel=cfg.parallel,
                                    actor_config=cfg.actor, loss_config=cfg.policy_loss)
+        if self._rollout_group is not None:
+            from fipo_megatron.rollout.node_engines import exports_on_this_node
+
+            g = self.actor.groups
+            if engine_here and not (exports_on_this_node(g, self._ranks_per_node) and g.tp_rank == 0):
+                raise RuntimeError(f"rank {self.rank} leads a node but is not the first rank of a model replica "
+                                   f"(tp_rank {g.tp_rank}, cp_rank {g.cp_rank}, dp_rank {g.dp_rank})")
         self.actor.load_hf_weights(self.parts.hf_dir)
         self.ckpt = CheckpointManager(root=os.path.join(self.run_dir, "checkpoints"), keep_last=cfg.checkpoint.keep_last,
                                       rank=self.rank, barrier=dist.barrier)
@@ -123,10 +148,15 @@ class Trainer:
             error, batch, metrics = None, None, {}
             if self.rank == 0:
                 try:
-                    batch, metrics = self._rollout_on_rank0()
+                    try:
+                        batch, metrics = self._rollout_on_rank0()
+                    finally:
+                        self._end_rollout_phase()
                 except Exception as e:  # noqa: BLE001 - every rank learns of it below and stops together
                     logger.exception("step %d: rollout failed", self.step)
                     error = f"{type(e).__name__}: {e}"
+            else:
+                self._serve_rollout_phase()
             error, batch = _broadcast_rollout(error, batch)
         if error is not None:
             # Nothing of this step has touched the model: keep what the previous step produced.
@@ -243,9 +273,15 @@ class Trainer:
         engine = self.parts.engine
         if engine is not None:
             engine.resume_memory()
+        exporting = None
+        if self._rollout_group is not None:  # every node's replica feeds its own node's engine
+            from fipo_megatron.rollout.node_engines import exports_on_this_node
+
+            exporting = exports_on_this_node(self.actor.groups, self._ranks_per_node)
         return sync_weights(self.actor.model_chunks, groups=self.actor.groups, hf_config=self.parts.hf_config,
                             transport=transport_for(engine) if engine is not None else None,
-                            destination="rank0", bucket_bytes=self.parts.sync_bucket_bytes)
+                            destination="rank0", bucket_bytes=self.parts.sync_bucket_bytes,
+                            exporting_replica=exporting)
 
     def validate(self) -> dict[str, float]:
         """Sample the validation prompts with the validation settings; avg@k of score and acc (rank 0)."""
@@ -263,7 +299,7 @@ class Trainer:
                 "val/acc": float(np.mean([a for g in groups for a in g.accs]))}
 
     def close(self) -> None:
-        """Stop what rank 0 started: the rollout engine (server processes) and the scoring pool."""
+        """Stop what this rank started: its rollout engine (server processes) and, on rank 0, the scoring pool."""
         if self.parts.engine is not None:
             self.parts.engine.shutdown()
         if self.parts.scorer is not None:
@@ -280,16 +316,34 @@ class Trainer:
         error, out = None, {}
         if self.rank == 0:
             try:
-                out = self.validate()
+                try:
+                    out = self.validate()
+                finally:
+                    self._end_rollout_phase()
             except Exception as e:  # noqa: BLE001
                 logger.exception("step %d: validation failed", self.step)
                 error = f"{type(e).__name__}: {e}"
+        else:
+            self._serve_rollout_phase()
         error = _broadcast_from_rank0(error)
         if error is not None:
             self._save_before_stopping(self.step, data_state=self.parts.sampler.state_dict() if self.rank == 0
                                        else None, reason=error)
             raise RolloutError(f"step {self.step}: validation failed on rank 0: {error}")
         return out
+
+    def _end_rollout_phase(self) -> None:
+        """Rank 0, placement=per_node: release the other node leaders from their serving loop."""
+        end = getattr(self.parts.engine, "end_phase", None)
+        if end is not None:
+            end()
+
+    def _serve_rollout_phase(self) -> None:
+        """Node leaders other than rank 0 (placement=per_node): sample what rank 0 sends until the phase ends."""
+        if self._rollout_group is not None and self.parts.engine is not None:
+            from fipo_megatron.rollout.node_engines import serve_rollouts
+
+            serve_rollouts(self.parts.engine, group=self._rollout_group)
 
     def _save_before_stopping(self, step: int, *, data_state, reason: str) -> None:
         """Checkpoint ``step`` (every rank) on the way out of a failed step, unless it is saved already, so a

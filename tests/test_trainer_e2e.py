@@ -215,3 +215,51 @@ def test_a_validation_failure_on_rank0_stops_every_rank(tmp_path):
 
     out = run_distributed(_train_validation_fails, 2, args=(str(tmp_path / "val"),), timeout=120)
     assert all(msg and "validation failed on rank 0: TimeoutError: validation engine timed out" in msg for msg in out)
+
+
+def _train_per_node(rank, world_size, run_dir):
+    from fipo_megatron.config import load_config
+    from fipo_megatron.models.sharding import gather_full_state_dict
+    from fipo_megatron.trainer import Trainer
+
+    overrides = [o for o in SMALL if not o.startswith(("trainer.total_training_steps", "checkpoint.save_interval"))]
+    cfg = load_config(CONFIG, overrides=overrides + [f"trainer.run_dir={run_dir}", "trainer.total_training_steps=2",
+                                                     "checkpoint.save_interval=0", "rollout.placement=per_node",
+                                                     "trainer.val_before_train=true"])
+    trainer = Trainer(cfg)
+    engine = trainer.parts.engine
+    local = getattr(engine, "local", engine)  # rank 0 holds NodeEngines around its own engine
+    calls = []
+    if local is not None:
+        generate = local.generate
+
+        def counted(prompts, sampling):
+            calls.append(len(prompts))
+            return generate(prompts, sampling)
+
+        local.generate = counted
+    trainer.fit()
+    state = {k: v.clone() for k, v in local.model.state_dict().items()} if local is not None else None
+    full = gather_full_state_dict(trainer.actor.model_chunks, groups=trainer.actor.groups)
+    return {"calls": calls, "engine": state, "embedding": full.get("embedding.word_embeddings.weight") if full else None}
+
+
+@pytest.mark.distributed
+def test_per_node_engines_share_rollouts_and_get_weights_from_their_node(tmp_path):
+    from fipo_megatron.testing.distributed import run_distributed
+
+    run_dir = str(tmp_path / "nodes")
+    # 4 ranks as 2 nodes of 2 (tp=2, so one model replica per node): engines on ranks 0 and 2
+    out = run_distributed(_train_per_node, 4, args=(run_dir,), timeout=300, ranks_per_node=2)
+    assert out[1]["engine"] is None and out[3]["engine"] is None
+    # validation (64 prompts) and 2 training steps: each node sampled its half of every request
+    assert out[0]["calls"] and out[0]["calls"] == out[2]["calls"] and out[0]["calls"][0] == 32
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1, 2] and 0.0 <= rows[0]["val/acc"] <= 1.0
+    assert all(r["rollout/logprob_abs_diff_max"] < 1e-4 for r in rows if "rollout/logprob_abs_diff_max" in r)
+    assert any("rollout/logprob_abs_diff_max" in r for r in rows if r["step"] == 2)
+    emb = out[0]["embedding"]
+    for name in out[0]["engine"]:
+        assert torch.equal(out[0]["engine"][name], out[2]["engine"][name]), name
+    engine_emb = out[2]["engine"]["model.embed_tokens.weight"]
+    assert (engine_emb - emb[:engine_emb.shape[0]]).abs().max() < 1e-6

@@ -83,6 +83,16 @@ def materialise_model_dir(cfg: FipoConfig, tokenizer, *, rank: int, run_dir: str
     return out
 
 
+def _build_engine(cfg: FipoConfig, hf_dir: str):
+    from fipo_megatron.rollout.base import get_engine
+
+    engine = get_engine(cfg.rollout.engine, model_path=hf_dir, **cfg.rollout.engine_kwargs)
+    connect = getattr(engine, "connect_weight_sync", None)
+    if connect is not None:  # disaggregated servers: join their weight-sync groups now, not at the first sync
+        connect()
+    return engine
+
+
 def resolve_score_fn(cfg: FipoConfig) -> tuple[Callable[..., Any], float]:
     """(score function, the score of a failed/timed-out call) for ``reward.reward_fn``."""
     name = cfg.reward.reward_fn
@@ -109,8 +119,10 @@ def _load_prompts(cfg: FipoConfig, tokenizer, *, files: list[str], synthetic_row
                                raw_template=d.raw_template)
 
 
-def build_model_and_data(cfg: FipoConfig, *, rank: int, run_dir: str) -> RunParts:
-    """Tokenizer and model directory on every rank; data, sampler, engine and scorer on rank 0."""
+def build_model_and_data(cfg: FipoConfig, *, rank: int, run_dir: str, engine_here: bool | None = None) -> RunParts:
+    """Tokenizer and model directory on every rank; data, sampler, engine and scorer on rank 0.
+    ``engine_here``: build an engine on this rank (default: rank 0 only; node leaders under
+    ``rollout.placement=per_node``)."""
     from transformers import AutoConfig
 
     tokenizer = build_tokenizer(cfg)
@@ -124,6 +136,8 @@ def build_model_and_data(cfg: FipoConfig, *, rank: int, run_dir: str) -> RunPart
     parts = RunParts(tokenizer=tokenizer, hf_dir=hf_dir, hf_config=hf_config, sampling=sampling,
                      sync_bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
     if rank != 0:
+        if engine_here:
+            parts.engine = _build_engine(cfg, hf_dir)
         return parts
     d = cfg.data
     parts.train_data = _load_prompts(cfg, tokenizer, files=d.train_files, synthetic_rows=d.synthetic.num_train, seed=d.seed)
@@ -141,12 +155,8 @@ def build_model_and_data(cfg: FipoConfig, *, rank: int, run_dir: str) -> RunPart
         parts.overlong_penalty = lambda length: overlong_penalty(
             response_length=length, max_response_length=d.max_response_length, buffer_length=ob.len,
             penalty_factor=ob.penalty_factor)
-    from fipo_megatron.rollout.base import get_engine
-
-    parts.engine = get_engine(cfg.rollout.engine, model_path=hf_dir, **cfg.rollout.engine_kwargs)
-    connect = getattr(parts.engine, "connect_weight_sync", None)
-    if connect is not None:  # disaggregated servers: join their weight-sync groups now, not at the first sync
-        connect()
+    if engine_here is None or engine_here:
+        parts.engine = _build_engine(cfg, hf_dir)
     logger.info("data: %d train prompts%s; engine %s", len(parts.train_data),
                 f", {len(parts.val_data)} val prompts" if parts.val_data else "", type(parts.engine).__name__)
     return parts

@@ -30,17 +30,33 @@ from fipo_megatron.rollout.base import RolloutOutput, SamplingParams
 logger = get_logger(__name__)
 
 
-def split_evenly(num_items: int, num_parts: int) -> list[tuple[int, int]]:
-    """``[start, end)`` ranges covering ``range(num_items)`` in order, sizes differing by at most one;
-    empty ranges are dropped (fewer items than parts)."""
+def shard_ranges(num_items: int, num_parts: int) -> list[tuple[int, int]]:
+    """``num_parts`` contiguous ``[start, end)`` ranges covering ``range(num_items)`` in order, sizes differing
+    by at most one (trailing ones empty when there are fewer items than parts)."""
     base, extra = divmod(num_items, num_parts)
     ranges, start = [], 0
     for i in range(num_parts):
         end = start + base + (1 if i < extra else 0)
-        if end > start:
-            ranges.append((start, end))
+        ranges.append((start, end))
         start = end
     return ranges
+
+
+def append_shard(outputs: list[RolloutOutput], shard: list[RolloutOutput], *, start: int, end: int, n: int,
+                 source: str) -> None:
+    """Append the outputs of prompts ``[start, end)`` (sampled as their own request) to ``outputs``, with
+    ``prompt_index`` made global; RuntimeError naming ``source`` if the count is not ``(end - start) * n``."""
+    if len(shard) != (end - start) * n:
+        raise RuntimeError(f"{source} returned {len(shard)} responses for {end - start} prompts x n={n} "
+                           f"(expected {(end - start) * n})")
+    for out in shard:
+        out.prompt_index += start
+    outputs.extend(shard)
+
+
+def split_evenly(num_items: int, num_parts: int) -> list[tuple[int, int]]:
+    """``shard_ranges`` without the empty ranges."""
+    return [(a, b) for a, b in shard_ranges(num_items, num_parts) if b > a]
 
 
 class MultiEngine:
@@ -87,13 +103,7 @@ class MultiEngine:
                     other.cancel()
                 raise RuntimeError(f"rollout engine {i} of {len(self.engines)} failed to generate prompts "
                                    f"{start}..{end - 1}: {e!r}") from e
-            expected = (end - start) * sampling.n
-            if len(shard) != expected:
-                raise RuntimeError(f"rollout engine {i} returned {len(shard)} responses for {end - start} prompts "
-                                   f"x n={sampling.n} (expected {expected})")
-            for out in shard:
-                out.prompt_index += start
-            outputs.extend(shard)
+            append_shard(outputs, shard, start=start, end=end, n=sampling.n, source=f"rollout engine {i}")
         return outputs
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:

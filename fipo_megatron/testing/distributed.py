@@ -25,19 +25,19 @@ import traceback
 from typing import Any, Callable
 
 
-def _worker(fn, rank, world_size, init_file, args, kwargs, queue, extra_env, backend):
+def _worker(fn, rank, world_size, init_file, args, kwargs, queue, extra_env, backend, ranks_per_node):
     try:
         os.environ.update(extra_env)
-        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                           "LOCAL_WORLD_SIZE": str(world_size)})
+        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size),
+                           "LOCAL_RANK": str(rank % ranks_per_node), "LOCAL_WORLD_SIZE": str(ranks_per_node)})
         import torch
         import torch.distributed as dist
 
         torch.set_num_threads(1)
         kwargs_init = {}
         if backend == "nccl":
-            torch.cuda.set_device(rank)
-            kwargs_init["device_id"] = torch.device("cuda", rank)
+            torch.cuda.set_device(rank % ranks_per_node)
+            kwargs_init["device_id"] = torch.device("cuda", rank % ranks_per_node)
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 **kwargs_init)
         try:
@@ -96,12 +96,18 @@ def _start_method(backend: str) -> str:
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *, args: tuple = (), kwargs: dict | None = None,
-                    timeout: float = 300.0, env: dict[str, str] | None = None, backend: str = "gloo") -> list[Any]:
+                    timeout: float = 300.0, env: dict[str, str] | None = None, backend: str = "gloo",
+                    ranks_per_node: int | None = None) -> list[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` ranks; return results by rank.
 
     ``backend="nccl"`` (GPU benchmarks) puts rank r on ``cuda:r``; it needs ``world_size`` GPUs, since NCCL
-    refuses two ranks on one device."""
+    refuses two ranks on one device. ``ranks_per_node``: pretend the ranks sit on nodes of this many
+    (``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` as torchrun would set them); default one node."""
     import torch.distributed as dist
+
+    ranks_per_node = ranks_per_node or world_size
+    if world_size % ranks_per_node:
+        raise ValueError(f"ranks_per_node ({ranks_per_node}) must divide world_size ({world_size})")
 
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
@@ -126,7 +132,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *, args: tuple = ()
     with tempfile.TemporaryDirectory(prefix="fipo_dist_") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, args, kwargs or {}, queue, env or {},
-                                                          backend),
+                                                          backend, ranks_per_node),
                              daemon=False) for r in range(world_size)]
         for p in procs:
             p.start()

@@ -183,12 +183,16 @@ def _recv_bucket(src: int, device) -> NamedTensors:
 
 def export_hf_buckets(model_chunks, *, groups, hf_config=None, mapping=None, bucket_bytes: int = 512 << 20,
                       destination: str = "rank0", dtype: torch.dtype | None = None,
-                      device: str | torch.device | None = None) -> Iterator[NamedTensors]:
+                      device: str | torch.device | None = None,
+                      exporting_replica: bool | None = None) -> Iterator[NamedTensors]:
     """Yield buckets of ``(hf_name, full tensor)`` on the receiving rank(s); see the module docstring.
 
     Every rank of the job must exhaust the iterator (it drives collectives). ``mapping`` defaults to
     ``get_mapping(hf_config)`` with the model's padded vocabulary; padded vocab rows are dropped.
     ``dtype``/``device``: cast/move exported tensors (e.g. bf16 for the engine); default: as trained.
+    ``exporting_replica``: whether this rank's (DP, CP) replica exports, for several replicas exporting at
+    once (``pp == 1`` only: each replica's tp_rank 0 receives its own buckets; engines on every node).
+    Default: the replica with ``dp_rank == cp_rank == 0`` alone.
     """
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
@@ -201,7 +205,11 @@ def export_hf_buckets(model_chunks, *, groups, hf_config=None, mapping=None, buc
         from fipo_megatron.models.hf_config import padded_vocab_size
 
         mapping = get_mapping(hf_config, padded_vocab_size=padded_vocab_size(hf_config, tp=groups.tp_size))
-    if groups.dp_rank != 0 or groups.cp_rank != 0:
+    if exporting_replica is None:
+        exporting_replica = groups.dp_rank == 0 and groups.cp_rank == 0
+    elif groups.pp_size != 1:
+        raise ValueError("export_hf_buckets: exporting_replica (several exporting replicas) needs pp == 1")
+    if not exporting_replica:
         return  # an identical replica exports; this one has nothing to do
     entries = []
     for name, (_, param, _) in local_params(model_chunks).items():

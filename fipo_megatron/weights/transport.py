@@ -163,12 +163,13 @@ class WeightSyncError(RuntimeError):
 
 def sync_weights(model_chunks, *, groups, transport: WeightTransport | None, hf_config=None, mapping=None,
                  bucket_bytes: int = 512 << 20, destination: str = "rank0", dtype: torch.dtype | None = None,
-                 device=None, fp8: bool = False) -> dict[str, float]:
+                 device=None, fp8: bool = False, exporting_replica: bool | None = None) -> dict[str, float]:
     """Export the actor's weights bucket by bucket through ``transport``; every rank must call this.
 
     ``transport`` may be None on ranks that receive nothing. ``fp8``: send decoder projection weights
-    block-FP8 quantised (``weights/fp8.py``) for an engine loading a block-FP8 checkpoint. Returns counts
-    for logging (``weights/num_buckets``, ``weights/num_bytes``) as seen by this rank.
+    block-FP8 quantised (``weights/fp8.py``) for an engine loading a block-FP8 checkpoint.
+    ``exporting_replica``: see ``export_hf_buckets``. Returns counts for logging (``weights/num_buckets``,
+    ``weights/num_bytes``) as seen by this rank.
 
     Failure handling: if the transport raises, this rank stops delivering but keeps draining the export
     (other ranks are inside its collectives and would otherwise hang), then all ranks agree on the outcome
@@ -182,7 +183,8 @@ def sync_weights(model_chunks, *, groups, transport: WeightTransport | None, hf_
     num_buckets = num_bytes = 0
     error: BaseException | None = None
     for bucket in export_hf_buckets(model_chunks, groups=groups, hf_config=hf_config, mapping=mapping,
-                                    bucket_bytes=bucket_bytes, destination=destination, dtype=dtype, device=device):
+                                    bucket_bytes=bucket_bytes, destination=destination, dtype=dtype, device=device,
+                                    exporting_replica=exporting_replica):
         num_buckets += 1
         if error is not None:
             continue  # drain: keep the collectives going, deliver nothing more
