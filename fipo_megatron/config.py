@@ -184,11 +184,16 @@ class RewardConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class FilterGroupsConfig:
-    """DAPO dynamic sampling: drop groups whose ``metric`` is identical for all responses."""
+    """DAPO dynamic sampling: drop groups whose ``metric`` is identical for all responses.
+
+    ``on_exhausted``: what a step does when ``max_num_gen_batches`` generation batches still leave the prompt
+    batch short: ``train`` on the whole mini-batches it has (logged as ``batch/num_prompts``), or ``raise``
+    as DAPO's reference trainer does (the run stops after checkpointing the previous step)."""
 
     enable: bool = True
     metric: Literal["acc", "score", "seq_reward"] = "acc"
     max_num_gen_batches: int = 10
+    on_exhausted: Literal["train", "raise"] = "train"
 
     def __post_init__(self):
         if self.max_num_gen_batches < 0:

@@ -8,7 +8,8 @@ One step, as the spec reads (``Trainer.train_step``):
     2. reward      rule score (each call under a timeout) + DAPO overlong shaping;
     3. filter      dynamic sampling: keep groups whose rewards disagree, generating again (at most
                    ``algorithm.filter_groups.max_num_gen_batches`` batches) until the step's prompts are full
-                   (if the budget runs out, the step trains on the whole mini-batches it has; DAPO raises);
+                   (if the budget runs out, the step trains on the whole mini-batches it has, or raises as
+                   DAPO does with ``filter_groups.on_exhausted=raise``);
     4. advantages  GRPO per group; the batch is broadcast to every rank as an object;
     5. update      ``actor.update``: old log-probs recomputed by the actor, then one FIPO optimizer step per
                    mini-batch (the FutureKL signal exists from the 2nd mini-batch on, spec §1);
@@ -226,7 +227,11 @@ class Trainer:
             seen += groups
             kept += [g for g in groups if keep_group(g, fg.metric)] if fg.enable else groups
             if fg.enable and fg.max_num_gen_batches and num_gen_batches >= fg.max_num_gen_batches and len(kept) < want:
-                # DAPO raises here; we train on the whole mini-batches we have (logged as batch/num_prompts).
+                if fg.on_exhausted == "raise":  # DAPO's behaviour
+                    raise RuntimeError(f"dynamic sampling: only {len(kept)} of {want} prompts have mixed rewards after "
+                                       f"{num_gen_batches} generation batches (algorithm.filter_groups."
+                                       "max_num_gen_batches); the data may be too easy or too hard for the policy")
+                # on_exhausted=train: train on the whole mini-batches we have (logged as batch/num_prompts).
                 logger.info("step %d: only %d of %d prompts have mixed rewards after %d generation batches",
                             self.step, len(kept), want, num_gen_batches)
                 break

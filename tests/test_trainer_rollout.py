@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 
+import pytest
+
 from fipo_megatron.config import load_config
 from fipo_megatron.data.setup import build_model_and_data
 from fipo_megatron.trainer import Trainer
@@ -61,3 +63,14 @@ def test_without_filter_one_generation_batch(tmp_path):
     assert m["rollout/acc"] == m["reward/acc"]                   # nothing filtered: same population
     assert all(len(s.response_ids) <= 4 for s in batch.samples)
     assert m["response_length/max"] <= 4 and 0.0 <= m["response_length/clip_ratio"] <= 1.0
+
+
+def test_exhausted_budget_raises_when_asked_as_dapo_does(tmp_path):
+    # a random policy cannot fill 64 prompts from one generation batch of 8: the budget runs out
+    overrides = ["data.train_batch_size=64", "data.gen_batch_size=8", "actor.ppo_mini_batch_size=4", "rollout.n=4",
+                 "algorithm.filter_groups.max_num_gen_batches=1"]
+    batch, m = _rollout_trainer(tmp_path, overrides)._rollout_on_rank0()
+    assert m["num_gen_batches"] == 1 and m["batch/num_prompts"] <= 8     # on_exhausted=train (default)
+    t = _rollout_trainer(tmp_path, overrides + ["algorithm.filter_groups.on_exhausted=raise"])
+    with pytest.raises(RuntimeError, match=r"of 64 prompts have mixed rewards after 1 generation batches"):
+        t._rollout_on_rank0()
