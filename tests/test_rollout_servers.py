@@ -352,5 +352,9 @@ def test_two_servers_split_generation_and_config_errors():
     with pytest.raises(ValueError, match="lists 3 sizes for 2 servers"):
         get_engine("sglang_server", base_urls=["http://x", "http://y"],
                    weight_sync={"master_port": 1234, "engine_world_size": [1, 2, 4]})
+    with pytest.raises(ValueError, match=r"weight_sync: unknown key\(s\) \['port'\]"):
+        get_engine("sglang_server", base_url="http://x", weight_sync={"port": 1234, "engine_world_size": 1})
+    with pytest.raises(ValueError, match=r"weight_sync: missing \['engine_world_size'\]"):
+        get_engine("sglang_server", base_url="http://x", weight_sync={"master_port": 1234})
     sizes = sglang_engine.WeightSyncConfig(master_port=1234, engine_world_size=[2, 4]).world_sizes(2)
     assert sizes == [2, 4]

@@ -195,6 +195,20 @@ class WeightSyncConfig:
 
         return self.master_address or os.environ.get("MASTER_ADDR") or socket.getfqdn()
 
+    @classmethod
+    def parse(cls, value: "WeightSyncConfig | dict | None") -> "WeightSyncConfig | None":
+        """From the config's mapping; unknown or missing keys are a ValueError naming them."""
+        if value is None or isinstance(value, cls):
+            return value
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - fields)
+        if unknown:
+            raise ValueError(f"rollout.engine_kwargs.weight_sync: unknown key(s) {unknown}; valid: {sorted(fields)}")
+        missing = sorted({"master_port", "engine_world_size"} - set(value))
+        if missing:
+            raise ValueError(f"rollout.engine_kwargs.weight_sync: missing {missing}")
+        return cls(**value)
+
 
 def join_weight_group(servers: list["SGLangServerEngine"], *, master_address: str, master_port: int,
                       engine_world_sizes: list[int], group_name: str, backend: str = "nccl"):
@@ -250,7 +264,7 @@ class SGLangServerEngine:
         self.base_url = base_url.rstrip("/")
         self.retry = retry
         self.group_name = group_name
-        self.weight_sync = WeightSyncConfig(**weight_sync) if isinstance(weight_sync, dict) else weight_sync
+        self.weight_sync = WeightSyncConfig.parse(weight_sync)
         self.group = None
 
     def connect_weight_sync(self):
@@ -377,8 +391,7 @@ def _make_sglang_server(*, base_url: str | None = None, base_urls: list[str] | N
     if colocated_only:
         raise ValueError(f"sglang_server does not take {colocated_only}: those configure the colocated 'sglang' "
                          "engine (a server is launched with its own settings)")
-    if isinstance(weight_sync, dict):
-        weight_sync = WeightSyncConfig(**weight_sync)
+    weight_sync = WeightSyncConfig.parse(weight_sync)
     if base_url is not None:
         return SGLangServerEngine(base_url=base_url, weight_sync=weight_sync, **kwargs)
     if weight_sync is not None:
