@@ -79,7 +79,8 @@ class MegatronActor:
             install_hidden_states_output(chunk)
         tf_config = chunks[0].config
         self.model_chunks = wrap_ddp(chunks, transformer_config=tf_config, use_distributed_optimizer=use_dist_opt)
-        self.optimizer, self.scheduler = build_optimizer(self.model_chunks, actor_config=actor_config)
+        self.optimizer, self.scheduler = build_optimizer(self.model_chunks, actor_config=actor_config,
+                                                         use_distributed_optimizer=use_dist_opt)
         # What Megatron's schedules read from the model config (as Megatron-LM's training loop sets them).
         tf_config.finalize_model_grads_func = finalize_model_grads
         no_sync = [c.no_sync for c in self.model_chunks]
