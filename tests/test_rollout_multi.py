@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from fipo_megatron.rollout.base import SamplingParams, get_engine
+from fipo_megatron.rollout.base import SamplingParams, get_engine, shard_seed
 from fipo_megatron.rollout.embedded import EmbeddedEngine
 from fipo_megatron.rollout.multi import MultiEngine, split_evenly
 from fipo_megatron.testing.tiny_models import tiny_hf_model
@@ -64,10 +64,14 @@ def test_seeded_sampling_is_reproducible_and_uses_a_seed_per_engine():
     finally:
         multi.shutdown()
     assert _as_tuples(first) == _as_tuples(again)
-    # engine 1 samples its shard (prompts 3, 4) with seed 12: what a lone engine gives for those prompts
-    lone = EmbeddedEngine(model=copy.deepcopy(model)).generate(PROMPTS[3:], SamplingParams(
-        temperature=1.0, max_new_tokens=6, n=3, seed=12))
-    assert [o.token_ids for o in first[9:]] == [o.token_ids for o in lone]
+    # engine 0 samples its shard (prompts 0-2) with the request's seed, engine 1 (prompts 3, 4) with its own:
+    # what a lone engine gives for those prompts with those seeds
+    seed1 = shard_seed(11, "engine", 1)
+    assert seed1 not in (11, 12, 13) and shard_seed(11, "engine", 0) == 11 and shard_seed(11, "node", 1) != seed1
+    for (a, b), seed in (((0, 3), 11), ((3, 5), seed1)):
+        lone = EmbeddedEngine(model=copy.deepcopy(model)).generate(PROMPTS[a:b], SamplingParams(
+            temperature=1.0, max_new_tokens=6, n=3, seed=seed))
+        assert [o.token_ids for o in first[3 * a:3 * b]] == [o.token_ids for o in lone]
 
 
 class _Broken:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fipo_megatron.rollout import sglang_engine, vllm_engine
-from fipo_megatron.rollout.base import SamplingParams, get_engine, resolve_engine_name
+from fipo_megatron.rollout.base import SamplingParams, get_engine, resolve_engine_name, shard_seed
 from fipo_megatron.rollout.http_client import (EngineRequestError, EngineUnavailableError, RetryPolicy,
                                                request_json)
 from fipo_megatron.rollout.mismatch import rollout_mismatch_metrics
@@ -330,10 +330,9 @@ def test_two_servers_split_generation_and_config_errors():
     try:
         engine = get_engine("sglang_server", base_urls=[a.url, b.url], retry=RetryPolicy(max_retries=0))
         outs = engine.generate([[1, 2], [3], [4, 4]], SAMPLING)  # n=2: prompts 0, 1 -> a; prompt 2 -> b
-        assert a.requests[0] == ("/generate", sglang_engine.generate_payload([[1, 2], [3]],
-                                                                             dataclasses.replace(SAMPLING, seed=3)))
-        assert b.requests[0] == ("/generate", sglang_engine.generate_payload([[4, 4]],
-                                                                             dataclasses.replace(SAMPLING, seed=4)))
+        second_seed = dataclasses.replace(SAMPLING, seed=shard_seed(3, "engine", 1))
+        assert a.requests[0] == ("/generate", sglang_engine.generate_payload([[1, 2], [3]], SAMPLING))
+        assert b.requests[0] == ("/generate", sglang_engine.generate_payload([[4, 4]], second_seed))
         assert [o.prompt_index for o in outs] == [0, 0, 1, 1, 2, 2]
         assert [o.token_ids for o in outs[4:]] == [[9], [9, 9]]
         with pytest.raises(ValueError, match="weight_sync is not set"):

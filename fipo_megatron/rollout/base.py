@@ -92,6 +92,20 @@ class RolloutOutput:
             raise ValueError(f"RolloutOutput.finish_reason must be 'stop' or 'length', got {self.finish_reason!r}")
 
 
+def shard_seed(seed: int, kind: str, index: int) -> int:
+    """The sampling seed of shard ``index`` (an engine replica, a node) of a request seeded ``seed``.
+
+    Shard 0 keeps ``seed`` (one engine samples exactly as before); the others get a hash of
+    ``(seed, kind, index)``, so no two shards, nor a shard and the next generation batch (whose seeds the
+    trainer derives by counting), share a random stream."""
+    if index == 0:
+        return seed
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}/{kind}/{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """A generation engine the trainer drives. Weight sync is bucketed: ``update_weights`` is called once

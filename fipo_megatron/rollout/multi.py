@@ -8,8 +8,8 @@
 - ``generate``: the prompts are cut into contiguous, near-equal shards (all ``n`` samples of a prompt stay
   on one engine, so its prefix cache serves them), the engines run concurrently in threads (their work
   happens in their own processes or servers), and the outputs come back in prompt order with global
-  ``prompt_index``. With a ``seed``, engine ``i`` samples with ``seed + i``, so a run is reproducible for
-  a fixed engine count (not across counts).
+  ``prompt_index``. With a ``seed``, engine ``i`` samples with ``shard_seed(seed, "engine", i)`` (engine 0
+  with ``seed`` itself), so a run is reproducible for a fixed engine count (not across counts).
 - Weights: ``weight_transport()`` fans every bucket out to each engine's own transport
   (``weights.transport.FanOutTransport``): in-process copies for colocated engines. Several SGLang
   servers are a ``rollout.sglang_engine.SGLangServerPool`` instead (this class plus one weight group
@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from fipo_megatron.log import get_logger
-from fipo_megatron.rollout.base import RolloutOutput, SamplingParams
+from fipo_megatron.rollout.base import RolloutOutput, SamplingParams, shard_seed
 
 logger = get_logger(__name__)
 
@@ -92,7 +92,8 @@ class MultiEngine:
         shards = split_evenly(len(prompt_token_ids), len(self.engines))
         futures = []
         for i, (start, end) in enumerate(shards):
-            shard_sampling = sampling if sampling.seed is None else _with_seed(sampling, sampling.seed + i)
+            shard_sampling = sampling if sampling.seed is None else _with_seed(
+                sampling, shard_seed(sampling.seed, "engine", i))
             futures.append(self._pool.submit(self.engines[i].generate, prompt_token_ids[start:end], shard_sampling))
         outputs: list[RolloutOutput] = []
         for i, ((start, end), future) in enumerate(zip(shards, futures)):

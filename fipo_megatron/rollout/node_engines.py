@@ -10,7 +10,7 @@ on that node's GPUs, so every GPU of the job samples during the rollout phase, n
 - Rank 0 keeps the data, the scoring and the filtering; ``generate`` cuts the prompts into contiguous,
   near-equal shards, one per node (all ``n`` samples of a prompt on one node), sends them over a gloo group
   of the node leaders, samples its own shard, and gathers the rest. With a ``seed``, node ``k`` samples
-  with ``seed + k``. A node's failure comes back as an error naming the node; rank 0 raises it.
+  with ``shard_seed(seed, "node", k)``. A node's failure comes back as an error naming the node; rank 0 raises it.
 - Weights: each leader's engine is fed by its own node's model replica (``weights.export`` with
   ``exporting_replica``): the TP all-gathers stay inside the node and nothing crosses nodes. That needs
   a whole replica per node group: ``pp == 1`` and ``tp x cp`` dividing the ranks per node
@@ -26,7 +26,7 @@ import dataclasses
 import torch.distributed as dist
 
 from fipo_megatron.log import get_logger
-from fipo_megatron.rollout.base import RolloutOutput, SamplingParams
+from fipo_megatron.rollout.base import RolloutOutput, SamplingParams, shard_seed
 from fipo_megatron.rollout.multi import append_shard, shard_ranges
 
 logger = get_logger(__name__)
@@ -70,7 +70,7 @@ def _generate_shard(engine, prompts, sampling) -> tuple[str | None, list[Rollout
 
 
 def _seeded(sampling: SamplingParams, k: int) -> SamplingParams:
-    return sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + k)
+    return sampling if sampling.seed is None else dataclasses.replace(sampling, seed=shard_seed(sampling.seed, "node", k))
 
 
 class NodeEngines:
