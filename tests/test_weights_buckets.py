@@ -90,3 +90,15 @@ def test_cuda_ipc_transport_needs_cuda():
         pytest.skip("CPU-only check")
     with pytest.raises(RuntimeError, match="needs CUDA"):
         CudaIpcTransport(lambda handles: None)
+
+
+def test_several_exporting_replicas_need_one_stage_and_fan_out_needs_transports():
+    from types import SimpleNamespace
+
+    from fipo_megatron.weights.transport import FanOutTransport
+
+    groups = SimpleNamespace(pp_size=2, dp_rank=0, cp_rank=0, tp_size=1)
+    with pytest.raises(ValueError, match="exporting_replica .* needs pp == 1"):
+        next(export.export_hf_buckets([], groups=groups, mapping=object(), exporting_replica=True))
+    with pytest.raises(ValueError, match="at least one transport"):
+        FanOutTransport([])
