@@ -146,18 +146,8 @@ class Trainer:
         t0 = time.perf_counter()
         data_at_start = self.parts.sampler.state_dict() if self.rank == 0 else None
         with self._timed("rollout_total"):
-            error, batch, metrics = None, None, {}
-            if self.rank == 0:
-                try:
-                    try:
-                        batch, metrics = self._rollout_on_rank0()
-                    finally:
-                        self._end_rollout_phase()
-                except Exception as e:  # noqa: BLE001 - every rank learns of it below and stops together
-                    logger.exception("step %d: rollout failed", self.step)
-                    error = f"{type(e).__name__}: {e}"
-            else:
-                self._serve_rollout_phase()
+            error, outcome = self._rank0_phase(self._rollout_on_rank0, "rollout")
+            batch, metrics = outcome or (None, {})
             error, batch = _broadcast_rollout(error, batch)
         if error is not None:
             # Nothing of this step has touched the model: keep what the previous step produced.
@@ -318,24 +308,29 @@ class Trainer:
     def _validate_everywhere(self) -> dict[str, float]:
         """``validate`` on rank 0; a failure there stops every rank (after saving this step) instead of
         leaving the others waiting in the next collective."""
-        error, out = None, {}
-        if self.rank == 0:
-            try:
-                try:
-                    out = self.validate()
-                finally:
-                    self._end_rollout_phase()
-            except Exception as e:  # noqa: BLE001
-                logger.exception("step %d: validation failed", self.step)
-                error = f"{type(e).__name__}: {e}"
-        else:
-            self._serve_rollout_phase()
+        error, out = self._rank0_phase(self.validate, "validation")
         error = _broadcast_from_rank0(error)
         if error is not None:
             self._save_before_stopping(self.step, data_state=self.parts.sampler.state_dict() if self.rank == 0
                                        else None, reason=error)
             raise RolloutError(f"step {self.step}: validation failed on rank 0: {error}")
-        return out
+        return out or {}
+
+    def _rank0_phase(self, fn, what: str):
+        """``(error message or None, fn())``: ``fn`` runs on rank 0, then the other node leaders are released
+        (placement=per_node); they serve rank 0's requests meanwhile. A failure is logged and returned, so the
+        caller can tell every rank before stopping; other ranks get ``(None, None)``."""
+        if self.rank != 0:
+            self._serve_rollout_phase()
+            return None, None
+        try:
+            try:
+                return None, fn()
+            finally:
+                self._end_rollout_phase()
+        except Exception as e:  # noqa: BLE001 - every rank learns of it from the caller's broadcast
+            logger.exception("step %d: %s failed", self.step, what)
+            return f"{type(e).__name__}: {e}", None
 
     def _end_rollout_phase(self) -> None:
         """Rank 0, placement=per_node: release the other node leaders from their serving loop."""
