@@ -351,9 +351,11 @@ def test_two_servers_split_generation_and_config_errors():
     with pytest.raises(ValueError, match="lists 3 sizes for 2 servers"):
         get_engine("sglang_server", base_urls=["http://x", "http://y"],
                    weight_sync={"master_port": 1234, "engine_world_size": [1, 2, 4]})
-    with pytest.raises(ValueError, match=r"weight_sync: unknown key\(s\) \['port'\]"):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\): rollout\.engine_kwargs\.weight_sync\.port;"):
         get_engine("sglang_server", base_url="http://x", weight_sync={"port": 1234, "engine_world_size": 1})
-    with pytest.raises(ValueError, match=r"weight_sync: missing \['engine_world_size'\]"):
+    with pytest.raises(ValueError, match=r"rollout\.engine_kwargs\.weight_sync: .*missing .*'engine_world_size'"):
         get_engine("sglang_server", base_url="http://x", weight_sync={"master_port": 1234})
+    with pytest.raises(ValueError, match=r"rollout\.engine_kwargs\.weight_sync\.master_port: expected an int"):
+        get_engine("sglang_server", base_url="http://x", weight_sync={"master_port": "29600", "engine_world_size": 1})
     sizes = sglang_engine.WeightSyncConfig(master_port=1234, engine_world_size=[2, 4]).world_sizes(2)
     assert sizes == [2, 4]

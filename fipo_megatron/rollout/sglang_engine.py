@@ -197,17 +197,13 @@ class WeightSyncConfig:
 
     @classmethod
     def parse(cls, value: "WeightSyncConfig | dict | None") -> "WeightSyncConfig | None":
-        """From the config's mapping; unknown or missing keys are a ValueError naming them."""
+        """From the config's mapping through the config loader: unknown, missing or mistyped keys are a
+        ValueError naming ``rollout.engine_kwargs.weight_sync.<key>``."""
         if value is None or isinstance(value, cls):
             return value
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - fields)
-        if unknown:
-            raise ValueError(f"rollout.engine_kwargs.weight_sync: unknown key(s) {unknown}; valid: {sorted(fields)}")
-        missing = sorted({"master_port", "engine_world_size"} - set(value))
-        if missing:
-            raise ValueError(f"rollout.engine_kwargs.weight_sync: missing {missing}")
-        return cls(**value)
+        from fipo_megatron.config_loader import build_dataclass
+
+        return build_dataclass(cls, value, prefix="rollout.engine_kwargs.weight_sync")
 
 
 def join_weight_group(servers: list["SGLangServerEngine"], *, master_address: str, master_port: int,
