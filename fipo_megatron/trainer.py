@@ -263,7 +263,7 @@ class Trainer:
         A failure on any rank raises ``WeightSyncError`` on every rank (weights/transport.py), so the
         job stops together instead of hanging in the export's collectives.
         """
-        from fipo_megatron.weights.transport import sync_weights, transport_for
+        from fipo_megatron.weights.transport import sync_weights
 
         engine = self.parts.engine
         if engine is not None:
@@ -274,7 +274,7 @@ class Trainer:
 
             exporting = exports_on_this_node(self.actor.groups, self._ranks_per_node)
         return sync_weights(self.actor.model_chunks, groups=self.actor.groups, hf_config=self.parts.hf_config,
-                            transport=transport_for(engine) if engine is not None else None,
+                            transport=engine.weight_transport() if engine is not None else None,
                             destination="rank0", bucket_bytes=self.parts.sync_bucket_bytes,
                             exporting_replica=exporting)
 
@@ -334,9 +334,7 @@ class Trainer:
 
     def _end_rollout_phase(self) -> None:
         """Rank 0, placement=per_node: release the other node leaders from their serving loop."""
-        end = getattr(self.parts.engine, "end_phase", None)
-        if end is not None:
-            end()
+        self.parts.engine.end_phase()
 
     def _serve_rollout_phase(self) -> None:
         """Node leaders other than rank 0 (placement=per_node): sample what rank 0 sends until the phase ends."""

@@ -13,7 +13,7 @@ from fipo_megatron.rollout.base import SamplingParams, get_engine, shard_seed
 from fipo_megatron.rollout.embedded import EmbeddedEngine
 from fipo_megatron.rollout.multi import MultiEngine, split_evenly
 from fipo_megatron.testing.tiny_models import tiny_hf_model
-from fipo_megatron.weights.transport import FanOutTransport, InProcessTransport, transport_for
+from fipo_megatron.weights.transport import FanOutTransport, InProcessTransport
 
 PROMPTS = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11, 12]]
 
@@ -98,7 +98,7 @@ def test_weight_sync_fans_out_to_every_engine():
     source = tiny_hf_model("qwen2", seed=5)
     multi = MultiEngine(_engines(tiny_hf_model("qwen2", seed=0), 2))
     try:
-        transport = transport_for(multi)
+        transport = multi.weight_transport()
         assert isinstance(transport, FanOutTransport)
         assert all(isinstance(t, InProcessTransport) for t in transport.transports)
         state = [(n, t) for n, t in source.state_dict().items() if n != "lm_head.weight"]  # tied

@@ -224,12 +224,10 @@ def _send_buckets_and_report(done_queue, make_transport):
 
 def _trainer_process(url, port, done_queue):
     """The trainer's exporting rank: joins the group, then sends two buckets through the transport."""
-    from fipo_megatron.weights.transport import transport_for
-
     def make_transport():
         engine = sglang_engine.SGLangServerEngine(base_url=url, retry=RetryPolicy(max_retries=0, timeout_s=30))
         engine.init_weight_sync(master_address="127.0.0.1", master_port=port, engine_world_size=1, backend="gloo")
-        assert type(transport_for(engine)).__name__ == "NcclBroadcastTransport"
+        assert type(engine.weight_transport()).__name__ == "NcclBroadcastTransport"
         return engine.weight_transport(device="cpu")
 
     _send_buckets_and_report(done_queue, make_transport)
@@ -280,16 +278,14 @@ def test_mismatch_metrics_against_float64_reference():
 def _multi_trainer_process(urls, port, done_queue):
     """The exporting rank with two servers: the config's factory, connect_weight_sync, one group for both."""
     from fipo_megatron.weights.nccl_transport import NcclBroadcastTransport
-    from fipo_megatron.weights.transport import transport_for
-
     def make_transport():
         engine = get_engine("sglang_server", base_urls=urls, retry=RetryPolicy(max_retries=0, timeout_s=30),
                             weight_sync={"master_port": port, "engine_world_size": 1, "master_address": "127.0.0.1",
                                          "backend": "gloo"})
         assert isinstance(engine, sglang_engine.SGLangServerPool) and len(engine) == 2
-        group = engine.connect_weight_sync()  # what data/setup.py does on the engine's rank
+        group = engine.connect_weight_sync()  # what build.build_engine does on the engine's rank
         assert group.size() == 3  # trainer + one worker per server: one broadcast reaches both
-        transport = transport_for(engine)
+        transport = engine.weight_transport()
         assert isinstance(transport, NcclBroadcastTransport)
         return transport
 

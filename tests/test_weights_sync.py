@@ -69,14 +69,14 @@ def _sync_worker(rank, world_size, family, tp, pp, disk_dir, overrides):
     from fipo_megatron.parallel import ParallelConfig, initialize_parallel
     from fipo_megatron.rollout.embedded import EmbeddedEngine
     from fipo_megatron.weights.export import export_hf_buckets, hf_names_and_shapes
-    from fipo_megatron.weights.transport import DiskTransport, sync_weights, transport_for
+    from fipo_megatron.weights.transport import DiskTransport, sync_weights
 
     hf = tiny_hf_config(family, **overrides)
     parallel = ParallelConfig(tp=tp, pp=pp)
     groups = initialize_parallel(parallel, hf_config=hf)
     model = build_gpt_model(hf, parallel=parallel).eval()
     engine = EmbeddedEngine(hf_config=hf, eos_token_ids=[]) if rank == 0 else None
-    transport = transport_for(engine) if engine is not None else None
+    transport = engine.weight_transport() if engine is not None else None
     result = {"rank": rank, "tp_rank": groups.tp_rank, "pp_rank": groups.pp_rank, "dp_rank": groups.dp_rank,
               "megatron": [], "engine": [], "stats": []}
     for step in range(2):  # two syncs in a row, weights changed in between

@@ -87,9 +87,7 @@ def _build_engine(cfg: FipoConfig, hf_dir: str):
     from fipo_megatron.rollout.base import get_engine
 
     engine = get_engine(cfg.rollout.engine, model_path=hf_dir, **cfg.rollout.engine_kwargs)
-    connect = getattr(engine, "connect_weight_sync", None)
-    if connect is not None:  # disaggregated servers: join their weight-sync groups now, not at the first sync
-        connect()
+    engine.connect_weight_sync()  # disaggregated servers: join their weight-sync groups now, not at the first sync
     return engine
 
 

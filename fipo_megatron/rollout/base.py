@@ -109,7 +109,11 @@ def shard_seed(seed: int, kind: str, index: int) -> int:
 @runtime_checkable
 class RolloutEngine(Protocol):
     """A generation engine the trainer drives. Weight sync is bucketed: ``update_weights`` is called once
-    per bucket of HF-named *full* (unsharded) tensors, then ``finish_weight_update`` once."""
+    per bucket of HF-named *full* (unsharded) tensors, then ``finish_weight_update`` once.
+
+    Engines subclass this protocol explicitly, so they inherit the defaults of its optional methods
+    (``weight_transport``, ``connect_weight_sync``, ``end_phase``, ``shutdown``) and callers never need to
+    ask whether an engine has one."""
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[RolloutOutput]:
         """Sample ``sampling.n`` responses per prompt; outputs grouped by prompt, in prompt order."""
@@ -131,9 +135,23 @@ class RolloutEngine(Protocol):
         """Take the memory back before the next ``update_weights``/``generate``."""
         ...
 
+    def weight_transport(self):
+        """How weight buckets reach this engine (``weights/transport.py``). Default: handed to
+        ``update_weights`` in this process; server engines that receive over a process group override it."""
+        from fipo_megatron.weights.transport import InProcessTransport
+
+        return InProcessTransport(self)
+
+    def connect_weight_sync(self) -> None:
+        """Join the engine's weight-sync group once, right after it is built (disaggregated servers).
+        Default: nothing to join."""
+
+    def end_phase(self) -> None:
+        """The trainer's rollout (or validation) phase is over: release helpers that serve it (per-node
+        engines). Default: nothing to release."""
+
     def shutdown(self) -> None:
-        """Stop the engine and everything it started."""
-        ...
+        """Stop the engine and everything it started. Default: nothing was started."""
 
 
 EngineFactory = Callable[..., RolloutEngine]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from fipo_megatron.log import get_logger
-from fipo_megatron.rollout.base import RolloutOutput, SamplingParams, register_engine
+from fipo_megatron.rollout.base import RolloutEngine, RolloutOutput, SamplingParams, register_engine
 from fipo_megatron.rollout.sampling import sample_next_token
 
 logger = get_logger(__name__)
@@ -49,7 +49,7 @@ def _new_cache(config):
         return DynamicCache()
 
 
-class EmbeddedEngine:
+class EmbeddedEngine(RolloutEngine):
     """``RolloutEngine`` over a transformers causal LM (batched, KV-cached, left-padded decode).
 
     Build from ``model_path`` (an HF model dir) or from ``hf_config`` (random init, to be synced by

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from fipo_megatron.log import get_logger
-from fipo_megatron.rollout.base import RolloutOutput, SamplingParams, shard_seed
+from fipo_megatron.rollout.base import RolloutEngine, RolloutOutput, SamplingParams, shard_seed
 
 logger = get_logger(__name__)
 
@@ -59,7 +59,7 @@ def split_evenly(num_items: int, num_parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in shard_ranges(num_items, num_parts) if b > a]
 
 
-class MultiEngine:
+class MultiEngine(RolloutEngine):
     """``RolloutEngine`` over ``engines`` (at least one), each a ``RolloutEngine`` holding the same weights."""
 
     def __init__(self, engines: list):
@@ -115,15 +115,13 @@ class MultiEngine:
         self._on_all("finish_weight_update")
 
     def weight_transport(self):
-        from fipo_megatron.weights.transport import FanOutTransport, transport_for
+        from fipo_megatron.weights.transport import FanOutTransport
 
-        return FanOutTransport([transport_for(e) for e in self.engines])
+        return FanOutTransport([e.weight_transport() for e in self.engines])
 
     def connect_weight_sync(self) -> None:
         for engine in self.engines:  # one rendezvous at a time: each binds its own port
-            connect = getattr(engine, "connect_weight_sync", None)
-            if connect is not None:
-                connect()
+            engine.connect_weight_sync()
 
     def release_memory(self) -> None:
         self._on_all("release_memory")

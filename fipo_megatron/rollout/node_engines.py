@@ -26,7 +26,7 @@ import dataclasses
 import torch.distributed as dist
 
 from fipo_megatron.log import get_logger
-from fipo_megatron.rollout.base import RolloutOutput, SamplingParams, shard_seed
+from fipo_megatron.rollout.base import RolloutEngine, RolloutOutput, SamplingParams, shard_seed
 from fipo_megatron.rollout.multi import append_shard, shard_ranges
 
 logger = get_logger(__name__)
@@ -73,7 +73,7 @@ def _seeded(sampling: SamplingParams, k: int) -> SamplingParams:
     return sampling if sampling.seed is None else dataclasses.replace(sampling, seed=shard_seed(sampling.seed, "node", k))
 
 
-class NodeEngines:
+class NodeEngines(RolloutEngine):
     """Rank 0's ``RolloutEngine`` over the engines of every node (see the module docstring)."""
 
     def __init__(self, local_engine, *, group, leaders: list[int]):
@@ -104,9 +104,7 @@ class NodeEngines:
 
     # Weights and memory: rank 0's own engine; the other leaders handle theirs (see the trainer).
     def weight_transport(self):
-        from fipo_megatron.weights.transport import transport_for
-
-        return transport_for(self.local)
+        return self.local.weight_transport()
 
     def update_weights(self, named_tensors) -> None:
         self.local.update_weights(named_tensors)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from fipo_megatron.log import get_logger
-from fipo_megatron.rollout.base import RolloutOutput, SamplingParams, register_engine
+from fipo_megatron.rollout.base import RolloutEngine, RolloutOutput, SamplingParams, register_engine
 from fipo_megatron.rollout.http_client import RetryPolicy, request_json
 from fipo_megatron.rollout.multi import MultiEngine
 
@@ -123,7 +123,7 @@ class SGLangEngineConfig:
                 "enable_memory_saver": self.enable_memory_saver, "skip_tokenizer_init": True, **self.extra}
 
 
-class SGLangEngine:
+class SGLangEngine(RolloutEngine):
     """``RolloutEngine`` over a colocated in-process ``sglang.Engine`` (weights via CUDA IPC)."""
 
     def __init__(self, *, config: SGLangEngineConfig | None = None, **kwargs):
@@ -242,7 +242,7 @@ def join_weight_group(servers: list["SGLangServerEngine"], *, master_address: st
     return group
 
 
-class SGLangServerEngine:
+class SGLangServerEngine(RolloutEngine):
     """``RolloutEngine`` over a running SGLang HTTP server (disaggregated: other GPUs or nodes).
 
     Generation is ``POST /generate``. Weights go over a process group shared with the server

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from fipo_megatron.log import get_logger
-from fipo_megatron.rollout.base import RolloutOutput, SamplingParams, register_engine
+from fipo_megatron.rollout.base import RolloutEngine, RolloutOutput, SamplingParams, register_engine
 
 logger = get_logger(__name__)
 
@@ -106,7 +106,7 @@ class VLLMEngineConfig:
                 "logprobs_mode": "processed_logprobs", **self.extra}
 
 
-class VLLMEngine:
+class VLLMEngine(RolloutEngine):
     """``RolloutEngine`` over ``vllm.LLM``; weights loaded on every worker with ``collective_rpc``."""
 
     def __init__(self, *, config: VLLMEngineConfig | None = None, **kwargs):

@@ -1,7 +1,7 @@
 """Megatron TP/PP shards -> HF-named full tensors, streamed in buckets (rollout weight sync, HF export).
 
     # usual entry point (weights/transport.py): every rank calls it, the engine's rank has a transport
-    sync_weights(actor.model_chunks, groups=groups, hf_config=hf_config, transport=transport_for(engine))
+    sync_weights(actor.model_chunks, groups=groups, hf_config=hf_config, transport=engine.weight_transport())
 
     # the generator underneath: every rank runs the loop, only receiving ranks get buckets
     for bucket in export_hf_buckets(actor.model_chunks, groups=groups, hf_config=hf_config, bucket_bytes=512 << 20):

@@ -3,7 +3,7 @@
 A transport has ``send(bucket)`` (one bucket of HF-named full tensors, from ``weights.export``) and
 ``finish()`` (after the last bucket). ``sync_weights`` drives one full sync:
 
-    sync_weights(actor.model_chunks, groups=groups, hf_config=cfg, transport=transport_for(engine))
+    sync_weights(actor.model_chunks, groups=groups, hf_config=cfg, transport=engine.weight_transport())
 
 - ``InProcessTransport``: the engine lives in this process (embedded engine; SGLang's colocated
   ``Engine``, which moves tensors to its TP workers itself via CUDA IPC) -> ``engine.update_weights``.
@@ -147,13 +147,6 @@ class CudaIpcTransport:
 def rebuild_from_ipc(handles: list) -> NamedTensors:
     """Open ``(name, reduce_tensor(...) result)`` pairs from ``CudaIpcTransport`` in the receiving process."""
     return [(name, rebuild(*args)) for name, (rebuild, args) in handles]
-
-
-def transport_for(engine) -> WeightTransport:
-    """The default transport of an engine: its own ``weight_transport()`` when it has one (server engines
-    that receive over a process group), else ``InProcessTransport(engine)``."""
-    own = getattr(engine, "weight_transport", None)
-    return own() if own is not None else InProcessTransport(engine)
 
 
 class WeightSyncError(RuntimeError):
