@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 @dataclass(kw_only=True)
 class Sample:
@@ -45,3 +47,19 @@ class TrainBatch:
     num_responses_per_prompt: int
     temperature: float = 1.0
     meta: dict = field(default_factory=dict)
+
+    def to_wire(self) -> tuple:
+        """This batch as the other ranks receive it (``from_wire`` rebuilds it): token ids as int32 arrays,
+        and without the engine's log-probs, which only rank 0's mismatch metric reads. That keeps every
+        rank's copy of a 20k-token x 8192-response batch small and cheap to pickle."""
+        rows = [(np.asarray(s.prompt_ids, np.int32), np.asarray(s.response_ids, np.int32),
+                 s.advantage, s.group_id, s.reward, s.finish_reason) for s in self.samples]
+        return rows, self.num_responses_per_prompt, self.temperature, self.meta
+
+    @classmethod
+    def from_wire(cls, payload: tuple) -> TrainBatch:
+        """The batch ``to_wire`` described (``rollout_log_probs`` is None on every sample)."""
+        rows, n, temperature, meta = payload
+        samples = [Sample(prompt_ids=p.tolist(), response_ids=r.tolist(), advantage=a, group_id=g, reward=rw,
+                          finish_reason=fr) for p, r, a, g, rw, fr in rows]
+        return cls(samples=samples, num_responses_per_prompt=n, temperature=temperature, meta=meta)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -20,6 +22,25 @@ from fipo_megatron.log import get_logger
 logger = get_logger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class PhaseTimer:
+    """Wall-clock seconds of one step's named phases, summed over repeats: ``with timer("rollout"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        """``timing/<phase>`` for every phase timed so far."""
+        return {f"timing/{k}": v for k, v in self.seconds.items()}
 
 
 def response_length_metrics(lengths: list[int], *, max_response_length: int) -> dict[str, float]:

@@ -1,49 +1,47 @@
-"""The FIPO training loop (issue #6). Launch through the CLI (``python -m fipo_megatron``)::
+"""The FIPO training loop. Launch through the CLI (``python -m fipo_megatron``)::
 
     torchrun --nproc-per-node 2 -m fipo_megatron --config examples/configs/tiny_cpu.yaml trainer.run_dir=runs/x
 
-One step, as the spec reads (``Trainer.train_step``):
+One step, as the spec reads (``Trainer.train_step``), with the module that owns each part:
 
-    1. rollout     rank 0 samples ``rollout.n`` responses per prompt with the engine;
-    2. reward      rule score (each call under a timeout) + DAPO overlong shaping;
+    1. rollout     rank 0 samples ``rollout.n`` responses per prompt with the engine (``rollout/phase.py``);
+    2. reward      rule score (each call under a timeout) + DAPO overlong shaping (``rollout/experience.py``);
     3. filter      dynamic sampling: keep groups whose rewards disagree, generating again (at most
                    ``algorithm.filter_groups.max_num_gen_batches`` batches) until the step's prompts are full
                    (if the budget runs out, the step trains on the whole mini-batches it has, or raises as
-                   DAPO does with ``filter_groups.on_exhausted=raise``);
-    4. advantages  GRPO per group; the batch is broadcast to every rank as an object;
+                   DAPO does with ``filter_groups.on_exhausted=raise``; ``algo/dynamic_sampling.py``);
+    4. advantages  GRPO per group (``algo/advantages.py``); the batch is broadcast to every rank
+                   (``TrainBatch.to_wire``);
     5. update      ``actor.update``: old log-probs recomputed by the actor, then one FIPO optimizer step per
-                   mini-batch (the FutureKL signal exists from the 2nd mini-batch on, spec §1);
-    6. sync        Megatron shards -> HF tensors in buckets -> ``engine.update_weights``;
+                   mini-batch (the FutureKL signal exists from the 2nd mini-batch on, spec §1; ``actor/``);
+    6. sync        Megatron shards -> HF tensors in buckets -> the engine's transport (``weights/``);
     7. log / save  metrics.jsonl (+ TensorBoard/wandb) and, every ``checkpoint.save_interval`` steps, an
                    atomic run checkpoint (model, optimizer, LR, RNG, data position, step).
 
-The rollout lives on global rank 0 (the embedded engine, or a client of an SGLang/vLLM server); every
-other rank waits in the broadcast. If the rollout raises (an engine unreachable after its retries) or a
-weight sync fails, every rank checkpoints the last complete state and stops (``RolloutError`` /
-``WeightSyncError``), so a resume loses nothing. Sampling seeds derive from ``(trainer.seed, step, gen batch)``, so a
-resumed run draws exactly what an uninterrupted one would.
+Every part is built by ``build.py``. The rollout lives on global rank 0 (the embedded engine, or a client
+of an SGLang/vLLM server; with ``rollout.placement=per_node`` rank 0 drives an engine on every node,
+``rollout/node_engines.py``); every other rank waits in the broadcast. If the rollout raises (an engine
+unreachable after its retries) or a weight sync fails, every rank checkpoints the last complete state and
+stops (``RolloutError`` / ``WeightSyncError``), so a resume loses nothing.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-from contextlib import contextmanager
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from fipo_megatron.batch import TrainBatch
+from fipo_megatron.build import build_actor, build_run_parts
 from fipo_megatron.checkpoint.manager import CheckpointManager
 from fipo_megatron.config import FipoConfig, config_to_dict, save_config
-from fipo_megatron.data.experience import Group, build_train_batch, keep_group, score_groups
-from fipo_megatron.data.setup import build_model_and_data
 from fipo_megatron.log import get_logger
-from fipo_megatron.metrics import MetricsLogger, response_length_metrics
+from fipo_megatron.metrics import MetricsLogger, PhaseTimer
 from fipo_megatron.rollout.mismatch import rollout_mismatch_metrics
-from fipo_megatron.weights.transport import WeightSyncError
+from fipo_megatron.rollout.node_engines import RolloutPlacement
+from fipo_megatron.weights.transport import WeightSyncError, sync_weights
 
 logger = get_logger(__name__)
 
@@ -54,7 +52,7 @@ class RolloutError(RuntimeError):
 
 
 class Trainer:
-    """Builds every part from a ``FipoConfig`` and runs the loop; call ``fit()`` on every rank."""
+    """Builds every part from a ``FipoConfig`` (``build.py``) and runs the loop; call ``fit()`` on every rank."""
 
     def __init__(self, cfg: FipoConfig):
         if not dist.is_initialized():
@@ -62,41 +60,16 @@ class Trainer:
         self.cfg = cfg
         self.rank = dist.get_rank()
         self.run_dir = cfg.run_dir
-        self.timings: dict[str, float] = {}
+        self.timer = PhaseTimer()
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
-        # rollout.placement=per_node: an engine on every node's first rank, driven from rank 0 over a gloo
-        # group of those ranks (rollout/node_engines.py). Checked before anything heavy is built.
-        self._rollout_group, self._ranks_per_node = None, None
-        engine_here = self.rank == 0
-        if cfg.rollout.placement == "per_node":
-            from fipo_megatron.rollout.node_engines import check_per_node_layout, node_leaders
-
-            self._ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-            check_per_node_layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp,
-                                  ranks_per_node=self._ranks_per_node)
-            leaders = node_leaders(dist.get_world_size(), self._ranks_per_node)
-            self._rollout_group = dist.new_group(leaders, backend="gloo")  # every rank takes part in new_group
-            engine_here = self.rank in leaders
-        self.parts = build_model_and_data(cfg, rank=self.rank, run_dir=self.run_dir,
-                                          engine_here=engine_here)  # tokenizer, data, engine(s)
-        if self._rollout_group is not None and self.rank == 0:
-            from fipo_megatron.rollout.node_engines import NodeEngines
-
-            self.parts.engine = NodeEngines(self.parts.engine, group=self._rollout_group, leaders=leaders)
-        from fipo_megatron.actor.actor import MegatronActor
-
-        self.actor = MegatronActor(hf_config=self.parts.hf_config, parallel=cfg.parallel,
-                                   actor_config=cfg.actor, loss_config=cfg.policy_loss)
-        if self._rollout_group is not None:
-            from fipo_megatron.rollout.node_engines import exports_on_this_node
-
-            g = self.actor.groups
-            if engine_here and not (exports_on_this_node(g, self._ranks_per_node) and g.tp_rank == 0):
-                raise RuntimeError(f"rank {self.rank} leads a node but is not the first rank of a model replica "
-                                   f"(tp_rank {g.tp_rank}, cp_rank {g.cp_rank}, dp_rank {g.dp_rank})")
-        self.actor.load_hf_weights(self.parts.hf_dir)
+        # Checked (per_node layout) before anything heavy is built; a collective on every rank.
+        self.placement = RolloutPlacement(cfg.rollout.placement, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
+                                          cp=cfg.parallel.cp)
+        self.parts = build_run_parts(cfg, rank=self.rank, run_dir=self.run_dir, placement=self.placement)
+        self.actor = build_actor(cfg, self.parts)
+        self.placement.check_replica(self.actor.groups)
         self.ckpt = CheckpointManager(root=os.path.join(self.run_dir, "checkpoints"), keep_last=cfg.checkpoint.keep_last,
                                       rank=self.rank, barrier=dist.barrier)
         self.step = 0
@@ -141,14 +114,15 @@ class Trainer:
             self.metrics.close()
 
     def train_step(self) -> dict[str, float]:
-        """One RL step on every rank; returns the step's metrics (complete on rank 0)."""
-        self.timings = {}
+        """One RL step on every rank (the module docstring's 1-6); returns its metrics (complete on rank 0)."""
+        timer = self.timer = PhaseTimer()
         t0 = time.perf_counter()
-        data_at_start = self.parts.sampler.state_dict() if self.rank == 0 else None
-        with self._timed("rollout_total"):
-            error, outcome = self._rank0_phase(self._rollout_on_rank0, "rollout")
+        data_at_start = self._data_state()
+        # 1-4. rollout, reward, dynamic-sampling filter, GRPO advantages: rank 0 builds the batch, all get it
+        with timer("rollout_total"):
+            error, outcome = self._rank0_phase(lambda: self.parts.rollout.collect(self.step, timer=timer), "rollout")
             batch, metrics = outcome or (None, {})
-            error, batch = _broadcast_rollout(error, batch)
+            error, batch = _broadcast_batch(error, batch)
         if error is not None:
             # Nothing of this step has touched the model: keep what the previous step produced.
             self._save_before_stopping(self.step - 1, data_state=data_at_start, reason=error)
@@ -156,142 +130,51 @@ class Trainer:
         if batch is not None:
             if self.parts.engine is not None:
                 self.parts.engine.release_memory()  # a colocated engine gives its GPU memory to training
-            # Train/rollout mismatch needs the actor's log-probs of the rollout: free when the actor keeps
-            # its old log-probs, else one extra forward pass every logging.mismatch_interval steps.
-            every = self.cfg.logging.mismatch_interval
-            keeps_old = hasattr(self.actor, "last_old_log_probs")
-            actor_log_probs = None
-            if every and self.step % every == 0 and not keeps_old:
-                with self._timed("mismatch_log_prob"):
-                    actor_log_probs = self.actor.compute_log_probs(batch)
-            with self._timed("actor"):
+            # 5. old log-probs, then one FIPO optimizer step per mini-batch (FutureKL from the 2nd on)
+            with timer("actor"):
                 metrics.update(self.actor.update(batch))
             for phase in ("old_log_prob", "update"):  # the actor times its two phases itself
                 if f"actor/timing/{phase}_s" in metrics:
                     metrics[f"timing/{phase}"] = metrics.pop(f"actor/timing/{phase}_s")
-            if keeps_old:
-                actor_log_probs = self.actor.last_old_log_probs
-            if self.rank == 0 and actor_log_probs is not None:
-                metrics.update(rollout_mismatch_metrics(actor_log_probs=actor_log_probs,
+            # train/rollout mismatch: the engine's log-probs against the actor's old ones (rank 0 holds both)
+            if self.rank == 0 and self.actor.last_old_log_probs is not None:
+                metrics.update(rollout_mismatch_metrics(actor_log_probs=self.actor.last_old_log_probs,
                                                         rollout_log_probs=[s.rollout_log_probs for s in batch.samples]))
-            with self._timed("sync"):
+            # 6. weight sync: the engine samples the next step with the updated policy
+            with timer("sync"):
                 try:
                     metrics.update(self.sync_weights())
                 except WeightSyncError as e:  # raised on every rank; the update itself is complete
-                    self._save_before_stopping(self.step, data_state=self.parts.sampler.state_dict()
-                                               if self.rank == 0 else None, reason=repr(e))
+                    self._save_before_stopping(self.step, data_state=self._data_state(), reason=repr(e))
                     raise
-            num_tokens = sum(s.num_tokens for s in batch.samples)
-            metrics["perf/total_num_tokens"] = float(num_tokens)
-        metrics.update({f"timing/{k}": v for k, v in self.timings.items()})
-        step_time = time.perf_counter() - t0
-        metrics["timing/step"] = step_time
+            metrics["perf/total_num_tokens"] = float(sum(s.num_tokens for s in batch.samples))
+        metrics.update(timer.metrics())
+        metrics["timing/step"] = step_time = time.perf_counter() - t0
         if batch is not None:
             metrics["perf/throughput_tokens_per_s"] = metrics["perf/total_num_tokens"] / step_time
         return metrics
 
     # ------------------------------------------------------------------ phases
-    def _rollout_on_rank0(self) -> tuple[TrainBatch | None, dict]:
-        """Generate, score and filter until the step's prompts are full (rank 0 only)."""
-        cfg, parts = self.cfg, self.parts
-        fg = cfg.algorithm.filter_groups
-        n, want = cfg.sampling.n, cfg.data.train_batch_size
-        kept: list[Group] = []
-        seen: list[Group] = []
-        num_gen_batches, counts = 0, {"num_timeouts": 0, "num_errors": 0, "overlong_penalty_sum": 0.0}
-        gen_tokens, gen_time = 0, 0.0
-        while len(kept) < want:
-            num_gen_batches += 1
-            records = [parts.train_data[i] for i in parts.sampler.next_indices(cfg.gen_batch_size)]
-            sampling = dataclasses.replace(parts.sampling, seed=_derive_seed(cfg, self.step, num_gen_batches))
-            with self._timed("rollout"):
-                t = time.perf_counter()
-                outputs = parts.engine.generate([r.prompt_ids for r in records], sampling)
-                gen_time += time.perf_counter() - t
-            gen_tokens += sum(len(o.token_ids) for o in outputs)
-            with self._timed("reward"):
-                groups, c = score_groups(records, outputs, n=n, tokenizer=parts.tokenizer, runner=parts.scorer,
-                                         overlong_penalty=parts.overlong_penalty)
-            for k in counts:
-                counts[k] += c[k]
-            seen += groups
-            kept += [g for g in groups if keep_group(g, fg.metric)] if fg.enable else groups
-            if fg.enable and fg.max_num_gen_batches and num_gen_batches >= fg.max_num_gen_batches and len(kept) < want:
-                if fg.on_exhausted == "raise":  # DAPO's behaviour
-                    raise RuntimeError(f"dynamic sampling: only {len(kept)} of {want} prompts have mixed rewards after "
-                                       f"{num_gen_batches} generation batches (algorithm.filter_groups."
-                                       "max_num_gen_batches); the data may be too easy or too hard for the policy")
-                # on_exhausted=train: train on the whole mini-batches we have (logged as batch/num_prompts).
-                logger.info("step %d: only %d of %d prompts have mixed rewards after %d generation batches",
-                            self.step, len(kept), want, num_gen_batches)
-                break
-        # A short batch keeps whole mini-batches only: every update then has the configured size.
-        mini = cfg.actor.ppo_mini_batch_size
-        kept = kept[:want] if len(kept) >= want else kept[:len(kept) // mini * mini]
-        all_rewards = [r for g in seen for r in g.rewards]
-        metrics = {
-            "num_gen_batches": float(num_gen_batches),
-            "batch/num_prompts": float(len(kept)),
-            "batch/num_filtered_groups": float(len(seen) - len(kept)),
-            "rollout/reward_mean": float(np.mean(all_rewards)),
-            "rollout/acc": float(np.mean([a for g in seen for a in g.accs])),
-            "rollout/tokens_per_s": gen_tokens / max(gen_time, 1e-9),
-            "reward/num_timeouts": float(counts["num_timeouts"]),
-            "reward/num_errors": float(counts["num_errors"]),
-            "reward/overlong_penalty_mean": counts["overlong_penalty_sum"] / max(len(all_rewards), 1),
-            "data/epoch": float(parts.sampler.epoch),
-            **{f"data/{k}": float(v) for k, v in parts.train_data.stats.items()},
-        }
-        if not kept:
-            logger.warning("step %d: no prompt with mixed rewards; skipping the update", self.step)
-            return None, metrics
-        batch = build_train_batch(kept, n=n, temperature=parts.sampling.temperature,
-                                  adv_estimator=cfg.algorithm.adv_estimator,
-                                  norm_adv_by_std=cfg.algorithm.norm_adv_by_std_in_grpo)
-        rewards = [s.reward for s in batch.samples]
-        metrics.update({"reward/mean": float(np.mean(rewards)), "reward/max": float(np.max(rewards)),
-                        "reward/min": float(np.min(rewards)),
-                        "reward/score_mean": float(np.mean([s for g in kept for s in g.scores])),
-                        "reward/acc": float(np.mean([a for g in kept for a in g.accs]))})
-        metrics.update(response_length_metrics([len(s.response_ids) for s in batch.samples],
-                                               max_response_length=cfg.data.max_response_length))
-        return batch, metrics
-
     def sync_weights(self) -> dict[str, float]:
         """Actor shards -> HF-named full tensors, bucketed -> the engine's transport (every rank joins).
 
         A failure on any rank raises ``WeightSyncError`` on every rank (weights/transport.py), so the
         job stops together instead of hanging in the export's collectives.
         """
-        from fipo_megatron.weights.transport import sync_weights
-
         engine = self.parts.engine
         if engine is not None:
             engine.resume_memory()
-        exporting = None
-        if self._rollout_group is not None:  # every node's replica feeds its own node's engine
-            from fipo_megatron.rollout.node_engines import exports_on_this_node
-
-            exporting = exports_on_this_node(self.actor.groups, self._ranks_per_node)
         return sync_weights(self.actor.model_chunks, groups=self.actor.groups, hf_config=self.parts.hf_config,
                             transport=engine.weight_transport() if engine is not None else None,
                             destination="rank0", bucket_bytes=self.parts.sync_bucket_bytes,
-                            exporting_replica=exporting)
+                            exporting_replica=self.placement.exporting_replica(self.actor.groups))
 
     def validate(self) -> dict[str, float]:
         """Sample the validation prompts with the validation settings; avg@k of score and acc (rank 0)."""
-        cfg, parts = self.cfg, self.parts
-        if self.rank != 0 or parts.val_data is None:
+        if self.rank != 0:
             return {}
-        with self._timed("validate"):
-            sampling = dataclasses.replace(parts.sampling, n=cfg.rollout.val_n, temperature=cfg.rollout.val_temperature,
-                                           top_p=cfg.rollout.val_top_p, seed=_derive_seed(cfg, self.step, 0) + 7)
-            records = list(parts.val_data.records)
-            outputs = parts.engine.generate([r.prompt_ids for r in records], sampling)
-            groups, _ = score_groups(records, outputs, n=sampling.n, tokenizer=parts.tokenizer,
-                                     runner=parts.scorer, overlong_penalty=None)
-        return {"val/score_mean": float(np.mean([s for g in groups for s in g.scores])),
-                "val/acc": float(np.mean([a for g in groups for a in g.accs]))}
+        with self.timer("validate"):
+            return self.parts.rollout.validate(self.step)
 
     def close(self) -> None:
         """Stop what this rank started: its rollout engine (server processes) and, on rank 0, the scoring pool."""
@@ -302,8 +185,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
-        state = {"data": self.parts.sampler.state_dict() if self.rank == 0 else None}
-        return self.ckpt.save(step=self.step, trainer_state=state, save_model=self.actor.save_checkpoint)
+        """Checkpoint this step (every rank): model, optimizer, LR, RNG, data position, step."""
+        return self.ckpt.save(step=self.step, trainer_state={"data": self._data_state()},
+                              save_model=self.actor.save_checkpoint)
+
+    def _data_state(self) -> dict | None:
+        """The prompt sampler's position (rank 0; None elsewhere), for a checkpoint."""
+        return self.parts.sampler.state_dict() if self.rank == 0 else None
 
     def _validate_everywhere(self) -> dict[str, float]:
         """``validate`` on rank 0; a failure there stops every rank (after saving this step) instead of
@@ -311,8 +199,7 @@ class Trainer:
         error, out = self._rank0_phase(self.validate, "validation")
         error = _broadcast_from_rank0(error)
         if error is not None:
-            self._save_before_stopping(self.step, data_state=self.parts.sampler.state_dict() if self.rank == 0
-                                       else None, reason=error)
+            self._save_before_stopping(self.step, data_state=self._data_state(), reason=error)
             raise RolloutError(f"step {self.step}: validation failed on rank 0: {error}")
         return out or {}
 
@@ -321,27 +208,16 @@ class Trainer:
         (placement=per_node); they serve rank 0's requests meanwhile. A failure is logged and returned, so the
         caller can tell every rank before stopping; other ranks get ``(None, None)``."""
         if self.rank != 0:
-            self._serve_rollout_phase()
+            self.placement.serve(self.parts.engine)
             return None, None
         try:
             try:
                 return None, fn()
             finally:
-                self._end_rollout_phase()
+                self.parts.engine.end_phase()  # per_node: releases the other node leaders
         except Exception as e:  # noqa: BLE001 - every rank learns of it from the caller's broadcast
             logger.exception("step %d: %s failed", self.step, what)
             return f"{type(e).__name__}: {e}", None
-
-    def _end_rollout_phase(self) -> None:
-        """Rank 0, placement=per_node: release the other node leaders from their serving loop."""
-        self.parts.engine.end_phase()
-
-    def _serve_rollout_phase(self) -> None:
-        """Node leaders other than rank 0 (placement=per_node): sample what rank 0 sends until the phase ends."""
-        if self._rollout_group is not None and self.parts.engine is not None:
-            from fipo_megatron.rollout.node_engines import serve_rollouts
-
-            serve_rollouts(self.parts.engine, group=self._rollout_group)
 
     def _save_before_stopping(self, step: int, *, data_state, reason: str) -> None:
         """Checkpoint ``step`` (every rank) on the way out of a failed step, unless it is saved already, so a
@@ -377,14 +253,6 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ helpers
-    @contextmanager
-    def _timed(self, name: str):
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
-
     def _progress_bar(self):
         if self.rank != 0 or not self.cfg.logging.progress_bar:
             return None
@@ -392,11 +260,6 @@ class Trainer:
 
         return tqdm(total=self.cfg.trainer.total_training_steps, initial=self.step, desc="fipo", unit="step",
                     dynamic_ncols=True)
-
-
-def _derive_seed(cfg: FipoConfig, step: int, gen_batch: int) -> int:
-    base = cfg.sampling.seed if cfg.sampling.seed is not None else cfg.trainer.seed
-    return (base * 1_000_003 + step * 1009 + gen_batch) % (2**31 - 1)
 
 
 def _broadcast_from_rank0(obj):
@@ -409,34 +272,14 @@ def _broadcast_from_rank0(obj):
     return box[0]
 
 
-def _broadcast_rollout(error: str | None, batch: TrainBatch | None) -> tuple[str | None, TrainBatch | None]:
-    """Broadcast rank 0's rollout outcome: an error message, or the step's batch. Token ids travel as int32
-    arrays; the engine's log-probs stay on rank 0 (only its mismatch metric reads them), which keeps every
-    other rank's copy of a 20k-token x 8192-response batch small. Rank 0 keeps its own object."""
+def _broadcast_batch(error: str | None, batch: TrainBatch | None) -> tuple[str | None, TrainBatch | None]:
+    """Rank 0's rollout outcome on every rank: an error message, or the step's batch (in the compact form of
+    ``TrainBatch.to_wire``). Rank 0 keeps its own object, with the engine's log-probs."""
     if dist.get_world_size() == 1:
         return error, batch
-    outcome = _broadcast_from_rank0((error, None if error is not None else _compact(batch))
-                                    if dist.get_rank() == 0 else None)
-    if dist.get_rank() == 0:
+    rank0 = dist.get_rank() == 0
+    wire = None if error is not None or batch is None else batch.to_wire()
+    got_error, payload = _broadcast_from_rank0((error, wire) if rank0 else None)
+    if rank0:
         return error, batch
-    error, payload = outcome
-    return error, _expand(payload)
-
-
-def _compact(batch: TrainBatch | None):
-    if batch is None:
-        return None
-    rows = [(np.asarray(s.prompt_ids, np.int32), np.asarray(s.response_ids, np.int32),
-             s.advantage, s.group_id, s.reward, s.finish_reason) for s in batch.samples]
-    return (rows, batch.num_responses_per_prompt, batch.temperature, batch.meta)
-
-
-def _expand(payload) -> TrainBatch | None:
-    if payload is None:
-        return None
-    from fipo_megatron.batch import Sample
-
-    rows, n, temperature, meta = payload
-    samples = [Sample(prompt_ids=p.tolist(), response_ids=r.tolist(), advantage=a, group_id=g, reward=rw,
-                      finish_reason=fr) for p, r, a, g, rw, fr in rows]
-    return TrainBatch(samples=samples, num_responses_per_prompt=n, temperature=temperature, meta=meta)
+    return got_error, None if payload is None else TrainBatch.from_wire(payload)

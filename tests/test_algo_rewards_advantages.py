@@ -114,7 +114,7 @@ def test_dynamic_sampling():
     starved.add([])
     starved.add(["x"])
     assert starved.budget_exhausted and not starved.should_generate_more()
-    with pytest.raises(RuntimeError, match="1 of 2 groups"):
+    with pytest.raises(RuntimeError, match="1 of 2 prompts"):
         starved.take()
     unlimited = GroupAccumulator(target_num_groups=1, max_num_gen_batches=0)
     for _ in range(20):
@@ -122,3 +122,19 @@ def test_dynamic_sampling():
     assert unlimited.should_generate_more()
     with pytest.raises(ValueError, match="target_num_groups"):
         GroupAccumulator(target_num_groups=0)
+
+
+def test_dynamic_sampling_exhausted_budget_trains_on_whole_mini_batches():
+    # DAPO raises when the budget runs out; on_exhausted="train" keeps whole mini-batches of what it has
+    acc = GroupAccumulator(target_num_groups=8, max_num_gen_batches=2)
+    acc.add(["a", "b", "c"], num_generated=4)
+    acc.add(["d", "e"], num_generated=4)
+    assert acc.budget_exhausted and not acc.is_full
+    assert acc.take(on_exhausted="train", whole_multiple_of=2) == ["a", "b", "c", "d"]
+    assert acc.num_groups == 0 and acc.num_gen_batches == 0 and acc.num_seen_groups == 0
+    acc.add(["x"])
+    assert acc.take(on_exhausted="train", whole_multiple_of=2) == []   # not one whole mini-batch: no update
+    acc.add(list("abcdefghij"))
+    assert acc.take(on_exhausted="train", whole_multiple_of=3) == list("abcdefgh")   # full: cut to the target
+    with pytest.raises(ValueError, match="on_exhausted"):
+        acc.take(on_exhausted="skip")

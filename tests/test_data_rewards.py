@@ -8,11 +8,12 @@ import time
 
 import pytest
 
+from fipo_megatron.batch import TrainBatch
 from fipo_megatron.data.dataset import PromptRecord
-from fipo_megatron.data.experience import build_train_batch, keep_group, score_groups
 from fipo_megatron.data.scoring import ScoreRunner, math_verify_score
 from fipo_megatron.data.synthetic import synthetic_tokenizer
 from fipo_megatron.rollout.base import RolloutOutput
+from fipo_megatron.rollout.experience import build_train_batch, keep_group, score_groups
 
 
 def _verifier(*, response_text, ground_truth, **_):
@@ -107,9 +108,7 @@ def test_score_filter_advantages():
     no_std = build_train_batch([groups[0]], n=4, temperature=1.0, norm_adv_by_std=False)
     assert [s.advantage for s in no_std.samples] == pytest.approx([x - 0.25 for x in groups[0].rewards])
 
-    from fipo_megatron.trainer import _compact, _expand
-
-    back = _expand(_compact(batch))  # what the other ranks receive: everything but the engine's log-probs
+    back = TrainBatch.from_wire(batch.to_wire())  # what the other ranks receive: everything but the engine's log-probs
     assert [(s.prompt_ids, s.response_ids, s.advantage, s.group_id, s.reward, s.finish_reason) for s in back.samples] == \
         [(s.prompt_ids, s.response_ids, s.advantage, s.group_id, s.reward, s.finish_reason) for s in batch.samples]
     assert back.num_responses_per_prompt == 4 and back.temperature == 0.7

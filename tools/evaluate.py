@@ -71,7 +71,7 @@ def summarise(problems: list[dict], *, k: int) -> dict[str, float]:
 
 def evaluate(*, engine, dataset, tokenizer, runner, k: int, sampling) -> dict:
     """Generate k samples per problem with ``engine``, score them, return overall and per-source metrics."""
-    from fipo_megatron.data.experience import score_groups
+    from fipo_megatron.rollout.experience import score_groups
 
     records = list(dataset.records)
     outputs = engine.generate([r.prompt_ids for r in records], sampling)

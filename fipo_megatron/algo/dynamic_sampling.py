@@ -3,8 +3,10 @@
     acc = GroupAccumulator(target_num_groups=512, max_num_gen_batches=10)
     while acc.should_generate_more():
         groups = generate_and_score(...)                  # one generation batch
-        acc.add(keep_informative_groups(groups, values_of=lambda g: g.accs))
-    batch_groups = acc.take()                            # raises if the budget ran out before it filled
+        acc.add(keep_informative_groups(groups, values_of=lambda g: g.accs), num_generated=len(groups))
+    batch_groups = acc.take(on_exhausted="raise")       # DAPO raises if the budget ran out before it filled
+
+The trainer's rollout phase (``rollout/collect.py``) is this loop.
 """
 
 from __future__ import annotations
@@ -75,12 +77,26 @@ class GroupAccumulator(Generic[T]):
         """Not full yet and the generation budget allows another batch."""
         return not self.is_full and not self.budget_exhausted
 
-    def take(self) -> list[T]:
-        """The step's groups, truncated to the target; RuntimeError if the budget ran out first (DAPO raises too)."""
-        if not self.is_full:
-            raise RuntimeError(f"dynamic sampling kept {len(self._groups)} of {self.target_num_groups} groups after "
-                               f"{self.num_gen_batches} generation batches (max_num_gen_batches="
-                               f"{self.max_num_gen_batches}); the data may be too easy or too hard")
-        out = self._groups[:self.target_num_groups]
+    def take(self, *, on_exhausted: str = "raise", whole_multiple_of: int = 1) -> list[T]:
+        """The step's groups, then reset for the next step.
+
+        Full: exactly the first ``target_num_groups`` (the surplus of the last batch is dropped, as DAPO
+        truncates). Budget exhausted first: ``on_exhausted="raise"`` raises RuntimeError (DAPO's behaviour);
+        ``"train"`` returns the largest multiple of ``whole_multiple_of`` groups it has (whole mini-batches
+        only, so every optimizer step keeps the configured size), possibly none.
+        """
+        if on_exhausted not in ("raise", "train"):
+            raise ValueError(f"on_exhausted must be 'raise' or 'train', got {on_exhausted!r}")
+        if whole_multiple_of < 1:
+            raise ValueError(f"whole_multiple_of must be >= 1, got {whole_multiple_of}")
+        if self.is_full:
+            out = self._groups[:self.target_num_groups]
+        elif on_exhausted == "raise":
+            raise RuntimeError(f"dynamic sampling: only {len(self._groups)} of {self.target_num_groups} prompts have "
+                               f"mixed rewards after {self.num_gen_batches} generation batches (algorithm.filter_groups."
+                               f"max_num_gen_batches={self.max_num_gen_batches}); the data may be too easy or too hard "
+                               "for the policy")
+        else:
+            out = self._groups[:len(self._groups) // whole_multiple_of * whole_multiple_of]
         self._groups, self.num_gen_batches, self.num_seen_groups = [], 0, 0
         return out

@@ -1,4 +1,5 @@
-"""Rollout engines behind one protocol (``base.RolloutEngine``) and their registry.
+"""Rollout engines behind one protocol (``base.RolloutEngine``) and their registry, and the rollout phase
+of a step (``phase.RolloutPhase``: generate, score with ``experience``, filter, advantages).
 
 ``get_engine("auto" | "embedded" | "sglang" | "sglang_server" | "vllm", **kwargs)``; SGLang and vLLM are
 imported only when their engine is built. See docs/rollout.md.

@@ -135,3 +135,53 @@ def serve_rollouts(engine, *, group) -> int:
         k = dist.get_rank(group)
         dist.gather_object(_generate_shard(engine, shards[k], _seeded(sampling, k)), None, dst=0, group=group)
         served += 1
+
+
+class RolloutPlacement:
+    """``rollout.placement`` wired into the job: which ranks hold an engine, what rank 0 drives, and which
+    model replica feeds which engine. Every rank builds one (``per_node`` makes a gloo group of the node
+    leaders, a collective call); ``rank0`` needs no process group at all.
+
+    - ``rank0``: the engine (or its replicas) lives on global rank 0 and every replica exports to it.
+    - ``per_node``: an engine on each node's first rank; rank 0 drives them all through ``NodeEngines``
+      and the others ``serve`` during rank 0's rollout and validation phases; each node's first replica
+      feeds its own node's engine.
+    """
+
+    def __init__(self, placement: str = "rank0", *, tp: int = 1, pp: int = 1, cp: int = 1):
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.group, self.ranks_per_node, self.leaders = None, None, [0]
+        self.engine_here = self.rank == 0
+        if placement == "per_node":
+            import os
+
+            self.ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+            check_per_node_layout(tp=tp, pp=pp, cp=cp, ranks_per_node=self.ranks_per_node)
+            self.leaders = node_leaders(dist.get_world_size(), self.ranks_per_node)
+            self.group = dist.new_group(self.leaders, backend="gloo")  # every rank takes part in new_group
+            self.engine_here = self.rank in self.leaders
+
+    def driven_engine(self, engine: RolloutEngine) -> RolloutEngine:
+        """What rank 0's rollout drives: its own engine, or (``per_node``) one over every node's engine."""
+        if self.group is None or self.rank != 0:
+            return engine
+        return NodeEngines(engine, group=self.group, leaders=self.leaders)
+
+    def check_replica(self, groups) -> None:
+        """RuntimeError unless each engine sits on the first rank of the model replica that feeds it."""
+        if self.group is None or not self.engine_here:
+            return
+        if not (exports_on_this_node(groups, self.ranks_per_node) and groups.tp_rank == 0):
+            raise RuntimeError(f"rank {self.rank} leads a node but is not the first rank of a model replica "
+                               f"(tp_rank {groups.tp_rank}, cp_rank {groups.cp_rank}, dp_rank {groups.dp_rank})")
+
+    def exporting_replica(self, groups) -> bool | None:
+        """``weights.export``'s ``exporting_replica`` for this rank: None (the default choice) under
+        ``rank0``; under ``per_node`` whether this rank's replica feeds its node's engine."""
+        return None if self.group is None else exports_on_this_node(groups, self.ranks_per_node)
+
+    def serve(self, engine: RolloutEngine | None) -> None:
+        """Node leaders other than rank 0 (``per_node``): sample what rank 0 sends until its phase ends.
+        A no-op on every other rank and under ``rank0``."""
+        if self.group is not None and engine is not None and self.rank != 0:
+            serve_rollouts(engine, group=self.group)

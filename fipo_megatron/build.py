@@ -1,9 +1,13 @@
-"""Build what the trainer consumes from a config: tokenizer, model directory, prompts, engine, scorer.
+"""Every object a run is made of, built from a ``FipoConfig``: start here to see what a run consists of.
 
-``build_model_and_data(cfg, rank=, run_dir=)`` runs on every rank; the parts only rank 0 needs (prompt
-data, sampler, rollout engine, scorer) are ``None`` elsewhere. ``model.path: tiny:<family>`` makes a random
-tiny HF model sized to the tokenizer (rank 0 writes it to ``<run_dir>/hf_init`` once; a resumed run
-reuses it), so the embedded engine and the Megatron actor start from the same weights and token ids.
+``build_run_parts(cfg, rank=, run_dir=)`` runs on every rank and returns ``RunParts``: tokenizer, model
+directory and HF config everywhere; prompt data, sampler, rollout engine, scorer and the overlong penalty
+on rank 0 (``None`` elsewhere; an engine also on node leaders under ``rollout.placement=per_node``). The
+Megatron actor comes from ``build_actor``.
+
+``model.path: tiny:<family>`` makes a random tiny HF model sized to the tokenizer (rank 0 writes it to
+``<run_dir>/hf_init`` once; a resumed run reuses it), so the embedded engine and the Megatron actor start
+from the same weights and token ids.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from fipo_megatron.data.synthetic import (make_synthetic_rows, save_synthetic_to
                                           synthetic_tokenizer)
 from fipo_megatron.data.tokenizer import load_tokenizer
 from fipo_megatron.log import get_logger
-from fipo_megatron.rollout.base import SamplingParams
+from fipo_megatron.rollout.base import RolloutEngine, SamplingParams, get_engine
+from fipo_megatron.rollout.node_engines import RolloutPlacement
+from fipo_megatron.rollout.phase import RolloutPhase
 
 logger = get_logger(__name__)
 
@@ -41,9 +47,10 @@ class RunParts:
     train_data: PromptDataset | None = None
     val_data: PromptDataset | None = None
     sampler: PromptSampler | None = None
-    engine: Any = None
+    engine: RolloutEngine | None = None
     scorer: ScoreRunner | None = None
     overlong_penalty: Callable[[int], float] | None = None
+    rollout: RolloutPhase | None = None
     sync_bucket_bytes: int = 512 << 20
 
 
@@ -83,12 +90,30 @@ def materialise_model_dir(cfg: FipoConfig, tokenizer, *, rank: int, run_dir: str
     return out
 
 
-def _build_engine(cfg: FipoConfig, hf_dir: str):
-    from fipo_megatron.rollout.base import get_engine
-
+def build_engine(cfg: FipoConfig, hf_dir: str) -> RolloutEngine:
+    """The configured rollout engine (``rollout.engine``, ``rollout.engine_kwargs``) serving ``hf_dir``."""
     engine = get_engine(cfg.rollout.engine, model_path=hf_dir, **cfg.rollout.engine_kwargs)
     engine.connect_weight_sync()  # disaggregated servers: join their weight-sync groups now, not at the first sync
     return engine
+
+
+def build_scorer(cfg: FipoConfig) -> ScoreRunner:
+    """The rule reward of ``reward.reward_fn``, each call under ``reward.timeout_s``."""
+    score_fn, wrong = resolve_score_fn(cfg)
+    return ScoreRunner(score_fn=score_fn, timeout_s=cfg.reward.timeout_s, wrong_score=wrong,
+                       num_workers=cfg.reward.num_workers)
+
+
+def build_overlong_penalty(cfg: FipoConfig) -> Callable[[int], float] | None:
+    """DAPO's overlong shaping as a function of the response length, or None when disabled."""
+    ob = cfg.reward.overlong_buffer
+    if not ob.enable:
+        return None
+    from fipo_megatron.algo.rewards import overlong_penalty
+
+    max_len = cfg.data.max_response_length
+    return lambda length: overlong_penalty(response_length=length, max_response_length=max_len,
+                                           buffer_length=ob.len, penalty_factor=ob.penalty_factor)
 
 
 def resolve_score_fn(cfg: FipoConfig) -> tuple[Callable[..., Any], float]:
@@ -117,10 +142,25 @@ def _load_prompts(cfg: FipoConfig, tokenizer, *, files: list[str], synthetic_row
                                raw_template=d.raw_template)
 
 
-def build_model_and_data(cfg: FipoConfig, *, rank: int, run_dir: str, engine_here: bool | None = None) -> RunParts:
-    """Tokenizer and model directory on every rank; data, sampler, engine and scorer on rank 0.
-    ``engine_here``: build an engine on this rank (default: rank 0 only; node leaders under
-    ``rollout.placement=per_node``)."""
+def build_rollout_phase(cfg: FipoConfig, parts: RunParts) -> RolloutPhase:
+    """Rank 0's rollout phase over ``parts`` (engine, prompts, scorer) with the step's shape from ``cfg``."""
+    fg, r = cfg.algorithm.filter_groups, cfg.rollout
+    return RolloutPhase(
+        engine=parts.engine, train_data=parts.train_data, sampler=parts.sampler, tokenizer=parts.tokenizer,
+        scorer=parts.scorer, sampling=parts.sampling, overlong_penalty=parts.overlong_penalty,
+        num_prompts=cfg.data.train_batch_size, gen_batch_size=cfg.gen_batch_size,
+        mini_batch_size=cfg.actor.ppo_mini_batch_size, max_response_length=cfg.data.max_response_length,
+        filter_metric=fg.metric if fg.enable else None, max_num_gen_batches=fg.max_num_gen_batches,
+        on_exhausted=fg.on_exhausted, adv_estimator=cfg.algorithm.adv_estimator,
+        norm_adv_by_std=cfg.algorithm.norm_adv_by_std_in_grpo,
+        seed=cfg.sampling.seed if cfg.sampling.seed is not None else cfg.trainer.seed,
+        val_data=parts.val_data,
+        val_sampling=dataclasses.replace(parts.sampling, n=r.val_n, temperature=r.val_temperature, top_p=r.val_top_p))
+
+
+def build_run_parts(cfg: FipoConfig, *, rank: int, run_dir: str, placement: RolloutPlacement | None = None) -> RunParts:
+    """Tokenizer and model directory on every rank; data, sampler, engine, scorer and the rollout phase on
+    rank 0. ``placement``: which ranks hold an engine (default: rank 0 only)."""
     from transformers import AutoConfig
 
     tokenizer = build_tokenizer(cfg)
@@ -133,9 +173,10 @@ def build_model_and_data(cfg: FipoConfig, *, rank: int, run_dir: str, engine_her
     sampling = dataclasses.replace(cfg.sampling, stop_token_ids=tuple(sorted(stop)))
     parts = RunParts(tokenizer=tokenizer, hf_dir=hf_dir, hf_config=hf_config, sampling=sampling,
                      sync_bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
+    placement = placement or RolloutPlacement()
     if rank != 0:
-        if engine_here:
-            parts.engine = _build_engine(cfg, hf_dir)
+        if placement.engine_here:
+            parts.engine = build_engine(cfg, hf_dir)
         return parts
     d = cfg.data
     parts.train_data = _load_prompts(cfg, tokenizer, files=d.train_files, synthetic_rows=d.synthetic.num_train, seed=d.seed)
@@ -143,18 +184,21 @@ def build_model_and_data(cfg: FipoConfig, *, rank: int, run_dir: str, engine_her
         parts.val_data = _load_prompts(cfg, tokenizer, files=d.val_files, synthetic_rows=d.synthetic.num_val,
                                        seed=d.seed + 1)
     parts.sampler = PromptSampler(num_prompts=len(parts.train_data), seed=d.seed, shuffle=d.shuffle)
-    score_fn, wrong = resolve_score_fn(cfg)
-    parts.scorer = ScoreRunner(score_fn=score_fn, timeout_s=cfg.reward.timeout_s, wrong_score=wrong,
-                               num_workers=cfg.reward.num_workers)
-    ob = cfg.reward.overlong_buffer
-    if ob.enable:
-        from fipo_megatron.algo.rewards import overlong_penalty
-
-        parts.overlong_penalty = lambda length: overlong_penalty(
-            response_length=length, max_response_length=d.max_response_length, buffer_length=ob.len,
-            penalty_factor=ob.penalty_factor)
-    if engine_here is None or engine_here:
-        parts.engine = _build_engine(cfg, hf_dir)
+    parts.scorer = build_scorer(cfg)
+    parts.overlong_penalty = build_overlong_penalty(cfg)
+    parts.engine = placement.driven_engine(build_engine(cfg, hf_dir))
+    parts.rollout = build_rollout_phase(cfg, parts)
     logger.info("data: %d train prompts%s; engine %s", len(parts.train_data),
                 f", {len(parts.val_data)} val prompts" if parts.val_data else "", type(parts.engine).__name__)
     return parts
+
+
+def build_actor(cfg: FipoConfig, parts: RunParts):
+    """The Megatron actor (``actor/actor.py``) on this rank's shard of ``parts.hf_dir``'s weights.
+    Every rank calls it: building the model chunks sets up Megatron's process groups."""
+    from fipo_megatron.actor.actor import MegatronActor
+
+    actor = MegatronActor(hf_config=parts.hf_config, parallel=cfg.parallel, actor_config=cfg.actor,
+                          loss_config=cfg.policy_loss)
+    actor.load_hf_weights(parts.hf_dir)
+    return actor

@@ -1,10 +1,10 @@
 """From engine outputs to the actor's ``TrainBatch``: score, shape, filter groups, GRPO advantages.
 
-One prompt's ``n`` responses form a ``Group``. The trainer's rollout phase is
+One prompt's ``n`` responses form a ``Group``. Per generation batch, the rollout phase (``rollout/phase.py``) does
 
     groups = score_groups(records, outputs, n=n, ...)        # rule reward (timed) + overlong shaping
-    kept += [g for g in groups if keep_group(g, metric)]      # DAPO dynamic sampling (algo.dynamic_sampling)
-    batch = build_train_batch(kept, n=n, temperature=t)       # GRPO advantages (algo.advantages)
+    acc.add([g for g in groups if keep_group(g, metric)])     # DAPO dynamic sampling (algo.dynamic_sampling)
+    batch = build_train_batch(acc.take(), n=n, temperature=t) # GRPO advantages (algo.advantages), once full
 
 Reward conventions follow the DAPO recipe: ``score`` is the rule's +1 / -1 (or the task's own scale),
 ``acc`` its correctness, ``reward = score + overlong_penalty`` is what the advantage sees, and the
