@@ -164,12 +164,12 @@ def _current_layout(ps) -> tuple[int, int, int, int | None]:
 
 
 def initialize_parallel(config: ParallelConfig, *, hf_config=None, seed: int = 1234,
-                        distributed_timeout_minutes: int = 30) -> ParallelGroups:
+                        distributed_timeout_minutes: int = 30, on_cpu: bool | None = None) -> ParallelGroups:
     """Initialise torch.distributed (if needed) and Megatron's model-parallel groups; return the bundle.
 
     Idempotent for the same ``config``; a different layout in the same process needs
     :func:`destroy_parallel` first. With ``hf_config`` the layout is checked against the model (heads,
-    KV heads, layers) before anything is created. Seeds Megatron's RNG tracker so TP ranks draw
+    KV heads, layers) before anything is created (``on_cpu`` as in :func:`validate_layout`). Seeds Megatron's RNG tracker so TP ranks draw
     per-rank streams and all ranks of a stage agree on the default stream (``seed + 100 * pp_rank``,
     as Megatron's own training does).
     """
@@ -185,7 +185,7 @@ def initialize_parallel(config: ParallelConfig, *, hf_config=None, seed: int = 1
                         num_query_groups=getattr(hf_config, "num_key_value_heads", None)
                         or hf_config.num_attention_heads,
                         num_layers=hf_config.num_hidden_layers)
-    dp = validate_layout(config, world_size=world_size, **model_kw)
+    dp = validate_layout(config, world_size=world_size, on_cpu=on_cpu, **model_kw)
 
     want = (config.tp, config.pp, config.cp, config.vpp if config.vpp and config.vpp > 1 else None)
     if ps.model_parallel_is_initialized():
