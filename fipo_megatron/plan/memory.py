@@ -114,6 +114,17 @@ def stage_param_count(dims: ModelDims, *, parallel, pp_rank: int) -> int:
     return n
 
 
+def stage_tensor_count(dims: ModelDims, *, parallel, pp_rank: int) -> int:
+    """Parameter tensors one rank of stage ``pp_rank`` holds (torch Adam keeps a ``step`` scalar for each)."""
+    per_layer = 6 + int(dims.qkv_bias) + 2 * int(dims.qk_norm)
+    n = dims.num_layers // parallel.pp * per_layer
+    if pp_rank == 0:
+        n += 1
+    if pp_rank == parallel.pp - 1:
+        n += 1 + int(not dims.tied or parallel.pp > 1)
+    return n
+
+
 def grad_buffer_numel(param_numels: list[int], *, distributed_optimizer: bool, dp_cp: int) -> int:
     """Elements of Megatron DDP's fp32 gradient buffer for these parameters (model order).
 
@@ -189,8 +200,12 @@ def micro_batch_tokens(cfg: FipoConfig) -> tuple[int, int]:
 
 
 def layer_activation_bytes(dims: ModelDims, *, tokens: int, tp: int, cp: int, sequence_parallel: bool,
-                           recompute: str, backend: str, dtype_bytes: int) -> int:
-    """Bytes one layer keeps for backward for ``tokens`` local tokens (see the module docstring)."""
+                           recompute: str, backend: str, dtype_bytes: int, seq_len: int | None = None) -> int:
+    """Bytes one layer keeps for backward for ``tokens`` local tokens (see the module docstring).
+
+    ``seq_len``: the longest sequence of the micro-batch (default ``tokens * cp``); the local spec's
+    attention keeps its ``heads x s x seq_len`` probabilities (torch's SDPA math kernel, as on CPU).
+    """
     s, h, a, g, d, f = tokens, dims.hidden, dims.heads, dims.groups, dims.head_dim, dims.ffn
     sp = tp if sequence_parallel else 1
     if recompute == "full":
@@ -206,6 +221,7 @@ def layer_activation_bytes(dims: ModelDims, *, tokens: int, tp: int, cp: int, se
             if a != g:
                 elems += 2 * kv_len * a * d // tp      # GQA expansion for SDPA
             elems += s * a * d // tp                   # per-sequence SDPA outputs before the concat
+            elems += s * a // tp * (seq_len or s * cp)  # SDPA math kernel: the attention probabilities
     return elems * dtype_bytes + fp32 * 4
 
 
@@ -276,7 +292,7 @@ def estimate(cfg: FipoConfig, cluster: Cluster, dims: ModelDims, *, stage_params
     def static_lines(stage: int) -> list[Line]:
         numels = (stage_params or {}).get(stage)
         n = sum(numels) if numels else stage_param_count(dims, parallel=p, pp_rank=stage)
-        n_tensors = len(numels) if numels else 0
+        n_tensors = len(numels) if numels else stage_tensor_count(dims, parallel=p, pp_rank=stage)
         grad_numel = grad_buffer_numel(numels or [n], distributed_optimizer=dist_opt, dp_cp=max(dp, 1) * p.cp)
         opt_numel = grad_numel // (max(dp, 1) * p.cp) if dist_opt else n
         per_param = 8 + (4 if dtype_bytes != 4 else 0)
@@ -342,8 +358,15 @@ def estimate(cfg: FipoConfig, cluster: Cluster, dims: ModelDims, *, stage_params
                                                                       pp_rank=stage, num_micro_batches=num_micro))),
                       num_micro_batches=num_micro, engine=engine, problems=problems, warnings=warnings)
     if plan.train_total > capacity:
-        problems.append(f"training needs {plan.train_total / GiB:.1f} GiB per GPU on pipeline stage {stage}, "
-                        f"{capacity / GiB:.1f} GiB usable ({cluster.gpu_memory_gib:g} GiB - {cluster.reserve_gib:g} reserve)")
+        act = next(x.nbytes for x in train if x.label == "activations (1F1B)")
+        problems.append(
+            f"training needs {plan.train_total / GiB:.1f} GiB per GPU on pipeline stage {stage}, {capacity / GiB:.1f} GiB "
+            f"usable ({cluster.gpu_memory_gib:g} GiB - {cluster.reserve_gib:g} reserve): activations take "
+            f"{act / GiB:.1f} GiB for micro-batches of {mb_tokens} tokens (actor.max_tokens_per_micro_batch "
+            f"{a.max_tokens_per_micro_batch}, longest sequence {longest} from data.max_prompt_length + "
+            f"data.max_response_length) split over parallel.cp={p.cp}, actor.recompute={a.recompute}, "
+            f"{plan.in_flight} in flight at parallel.pp={p.pp}; weights, gradients and optimizer "
+            f"{static / GiB:.1f} GiB")
     if plan.rollout_total > capacity:
         problems.append(f"the rollout needs {plan.rollout_total / GiB:.1f} GiB per GPU (the actor's "
                         f"{static / GiB:.1f} GiB resident + the engine), {capacity / GiB:.1f} GiB usable")
