@@ -113,9 +113,9 @@ def plan_case(cfg, hf, tokens):
     from fipo_megatron.plan.recipe import Cluster
 
     dims = ModelDims.from_hf(hf, tp=1)
-    plan = estimate(cfg, Cluster(nnodes=1, gpus_per_node=1), dims, backend="local")
+    plan = estimate(cfg, Cluster(nnodes=1, gpus_per_node=1), dims, backend="local-cpu")
     static = {"weights": plan.train[0].nbytes, "grads": plan.train[1].nbytes, "optimizer": plan.train[2].nbytes}
     layer = layer_activation_bytes(dims, tokens=tokens, tp=1, cp=1, sequence_parallel=False, recompute="none",
-                                   backend="local", dtype_bytes=2 if cfg.actor.params_dtype == "bfloat16" else 4)
+                                   backend="local-cpu", dtype_bytes=2 if cfg.actor.params_dtype == "bfloat16" else 4)
     rest = sum(x.nbytes for x in plan.train if x.label in ("final norm + hidden states", "FutureKL + loss buffers"))
     return static, layer, rest

@@ -203,8 +203,9 @@ def layer_activation_bytes(dims: ModelDims, *, tokens: int, tp: int, cp: int, se
                            recompute: str, backend: str, dtype_bytes: int, seq_len: int | None = None) -> int:
     """Bytes one layer keeps for backward for ``tokens`` local tokens (see the module docstring).
 
-    ``seq_len``: the longest sequence of the micro-batch (default ``tokens * cp``); the local spec's
-    attention keeps its ``heads x s x seq_len`` probabilities (torch's SDPA math kernel, as on CPU).
+    ``backend``: "te" (Transformer Engine's fused attention), "local" (the local spec on CUDA: SDPA's flash
+    kernels) or "local-cpu" (SDPA's math kernel, which keeps its ``heads x s x seq_len`` probabilities;
+    ``seq_len``, the longest sequence of the micro-batch, defaults to ``tokens * cp``).
     """
     s, h, a, g, d, f = tokens, dims.hidden, dims.heads, dims.groups, dims.head_dim, dims.ffn
     sp = tp if sequence_parallel else 1
@@ -214,14 +215,15 @@ def layer_activation_bytes(dims: ModelDims, *, tokens: int, tp: int, cp: int, se
     fp32 = 2 * s // sp
     if recompute == "none":
         fp32 += s * a // tp
-        if backend == "local":
+        if backend in ("local", "local-cpu"):
             kv_len = s * cp
             if cp > 1:
                 elems += 2 * 2 * kv_len * g * d // tp  # gathered K/V and their reordered copies
             if a != g:
                 elems += 2 * kv_len * a * d // tp      # GQA expansion for SDPA
             elems += s * a * d // tp                   # per-sequence SDPA outputs before the concat
-            elems += s * a // tp * (seq_len or s * cp)  # SDPA math kernel: the attention probabilities
+            if backend == "local-cpu":
+                elems += s * a // tp * (seq_len or s * cp)  # SDPA's math kernel keeps the probabilities
     return elems * dtype_bytes + fp32 * 4
 
 
@@ -272,8 +274,8 @@ def estimate(cfg: FipoConfig, cluster: Cluster, dims: ModelDims, *, stage_params
     """The per-GPU plan of ``cfg`` on ``cluster``; see the module docstring.
 
     ``stage_params``: per pipeline stage, the parameter sizes of one of its ranks in model order (from the
-    dry run: exact buffer padding); default: the analytic count. ``backend``: "te" (GPU, flash attention)
-    or "local" (the local spec's attention, as on CPU).
+    dry run: exact buffer padding); default: the analytic count. ``backend``: see
+    :func:`layer_activation_bytes`.
     """
     p, a = cfg.parallel, cfg.actor
     world = cluster.world_size
