@@ -10,7 +10,8 @@ Static (exact, from the parameter count the dry run checks against the meta-buil
   distributed optimizer it is laid out as megatron-core's ``_ParamAndGradBuffer`` pads it (each parameter
   starts at a multiple of 64 elements, the buffer ends at a multiple of lcm(DP x CP, 128));
 - optimizer: Adam's two fp32 moments, plus fp32 main weights when the parameters are bf16, plus torch
-  Adam's fp32 ``step`` scalar per parameter tensor; over DP x CP with the distributed optimizer.
+  Adam's fp32 ``step`` scalar per parameter tensor where megatron-core falls back to torch's Adam (no TE or
+  Apex here); over DP x CP with the distributed optimizer.
 
 Activations of one micro-batch (an estimate; ``docs/plan.md`` compares it with measurements): the
 micro-batch holds ``max(max_tokens_per_micro_batch, longest padded sequence)`` tokens, ``s = that / cp``
@@ -112,6 +113,16 @@ def stage_param_count(dims: ModelDims, *, parallel, pp_rank: int) -> int:
         if not dims.tied or pp > 1:  # untied output layer, or the last stage's copy of the tied one
             n += vocab_rows
     return n
+
+
+def adam_keeps_step_tensors() -> bool:
+    """Whether this megatron-core's Adam is torch's (a fp32 ``step`` tensor per parameter): it falls back to
+    it without Transformer Engine and Apex, whose fused Adam keeps the step per parameter group."""
+    try:
+        import megatron.core.optimizer as optimizer
+    except ImportError:  # pragma: no cover
+        return True
+    return getattr(getattr(optimizer, "Adam", None), "__module__", "torch").startswith("torch.")
 
 
 def stage_tensor_count(dims: ModelDims, *, parallel, pp_rank: int) -> int:
@@ -291,6 +302,8 @@ def estimate(cfg: FipoConfig, cluster: Cluster, dims: ModelDims, *, stage_params
     warnings: list[str] = []
     capacity = cluster.gpu_bytes - cluster.reserve_bytes
 
+    step_tensors = adam_keeps_step_tensors() and not dist_opt
+
     def static_lines(stage: int) -> list[Line]:
         numels = (stage_params or {}).get(stage)
         n = sum(numels) if numels else stage_param_count(dims, parallel=p, pp_rank=stage)
@@ -301,7 +314,7 @@ def estimate(cfg: FipoConfig, cluster: Cluster, dims: ModelDims, *, stage_params
         where = f"/ DP x CP = {max(dp, 1) * p.cp} (distributed optimizer)" if dist_opt else "every rank (plain)"
         return [Line(label=f"weights ({a.params_dtype})", nbytes=n * dtype_bytes, note=f"{n / 1e9:.3f}e9 params x {dtype_bytes} B"),
                 Line(label="gradients (fp32 DDP buffer)", nbytes=grad_numel * 4, note=f"{grad_numel / 1e9:.3f}e9 x 4 B"),
-                Line(label="optimizer (Adam)", nbytes=opt_numel * per_param + 4 * n_tensors * (not dist_opt),
+                Line(label="optimizer (Adam)", nbytes=opt_numel * per_param + 4 * n_tensors * step_tensors,
                      note=f"{per_param} B/param {where}")]
 
     worst = None

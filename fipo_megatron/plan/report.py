@@ -67,7 +67,7 @@ def _memory_only(cfg: FipoConfig, cluster: Cluster, hf_config) -> MemoryPlan | N
     return estimate(cfg, cluster, ModelDims.from_hf(hf_config, tp=cfg.parallel.tp))
 
 
-def suggest(config_path: str | None, overrides: list[str], cfg: FipoConfig, cluster: Cluster, hf_config) -> list[str]:
+def suggest(cfg: FipoConfig, cluster: Cluster, hf_config) -> list[str]:
     """Single setting changes under which the plan fits (each re-validated as a whole config), in order."""
     from fipo_megatron.config import config_from_dict, config_to_dict
     from fipo_megatron.config_loader import merge_nested, parse_overrides
@@ -141,7 +141,7 @@ def make_plan(config_path: str | None, *, overrides: list[str] | tuple[str, ...]
         verdict, messages = "fits", []
     else:
         verdict, messages = "does not fit", list(memory.problems)
-    suggestions = suggest(config_path, overrides, cfg, cluster, hf_config) if verdict == "does not fit" else []
+    suggestions = suggest(cfg, cluster, hf_config) if verdict == "does not fit" else []
     return Plan(config_path=config_path, overrides=overrides, dry=dry, memory=memory, verdict=verdict,
                 messages=messages, suggestions=suggestions, seconds=time.perf_counter() - t0, **common)
 
