@@ -78,7 +78,7 @@ def load_hf_config(cfg: FipoConfig, *, hf_config_path: str | None = None):
         return transformers.AutoConfig.from_pretrained(str(path)), str(path / "config.json")
     model_path = cfg.model.path
     if model_path.startswith("tiny:"):
-        from fipo_megatron.data.setup import build_tokenizer
+        from fipo_megatron.build import build_tokenizer
         from fipo_megatron.testing.tiny_models import tiny_hf_config
 
         tokenizer = build_tokenizer(cfg)
