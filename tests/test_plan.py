@@ -104,3 +104,39 @@ def test_static_bytes_exact_and_activations_within_15_percent():
     assert abs(layer_plan / layer_measured - 1) < 0.15, (layer_plan, layer_measured)
     total_plan = 4 * layer_plan + rest_plan
     assert abs(total_plan / m4["saved"] - 1) < 0.15, (total_plan, m4["saved"])
+
+
+STORED = sorted(p.parent.name for p in (ROOT / "fipo_megatron" / "models" / "hf_configs").glob("*/config.json"))
+
+
+@pytest.mark.parametrize("name", STORED)
+def test_every_stored_hf_config_maps_exports_and_shards_at_full_size(name):
+    # One node of the 7B recipe's layout (tp 4 x cp 2) for each supported family at its published shapes.
+    path = ROOT / "fipo_megatron" / "models" / "hf_configs" / name
+    plan = make_plan(CFG_7B, hf_config_path=str(path))
+    assert plan.dry is not None, plan.messages
+    assert not plan.dry.problems, plan.dry.problems
+    assert plan.verdict in ("fits", "does not fit")
+    import json
+
+    tied = json.loads((path / "config.json").read_text()).get("tie_word_embeddings", False)
+    exported = {n for r in plan.dry.roles for n, _ in r.exported}
+    assert len(exported) == plan.dry.num_hf_tensors - int(tied)   # a tied lm_head is the embedding
+
+
+def test_gpu_comparison_script_configs_are_valid():
+    # tools/benchmarks/plan_vs_measured_gpu.py runs only on a GPU; its configs and plan must stay valid here.
+    import importlib.util
+
+    from fipo_megatron.plan.memory import ModelDims, estimate
+    from fipo_megatron.plan.recipe import Cluster
+
+    spec = importlib.util.spec_from_file_location("gpu_script", ROOT / "tools" / "benchmarks" / "plan_vs_measured_gpu.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for response in (8192, 20480):
+        cfg, hf = script._cfg(response), script._hf_config()
+        plan = estimate(cfg, Cluster(nnodes=1, gpus_per_node=1, gpu_memory_gib=139.8, reserve_gib=0.0),
+                        ModelDims.from_hf(hf, tp=1), backend="te")
+        assert plan.tokens_per_micro_batch == script.PROMPT + response
+        assert ModelDims.from_hf(hf, tp=1).total_params() == pytest.approx(1.54e9, rel=0.01)
