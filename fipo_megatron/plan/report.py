@@ -180,6 +180,13 @@ def format_plan(plan: Plan, *, shard_keys: bool = False) -> str:
                        f"{r.num_params:>13,d}  {eo:^9s}  {len(r.shards):11d}  {len(r.exported) or '':>19}")
         out.append(f"  HF model: {d.num_hf_tensors} tensors; checkpoint: {d.num_checkpoint_keys} keys; mapping, export, "
                    f"load and checkpoint shards: {'all consistent' if not d.problems else f'{len(d.problems)} problem(s)'}")
+        keys: dict[str, tuple] = {}
+        for r in d.roles:
+            for sh in r.shards:
+                keys.setdefault(sh.key, sh.global_shape)
+        out.append("  checkpoint keys (global shapes; every rank's shards tile them; --shard-keys lists each rank's):")
+        for key, shape in keys.items():
+            out.append(f"    {key} {tuple(shape)}")
         if shard_keys:
             for r in d.roles:
                 out.append(f"  rank {r.rank} (pp {r.pp_rank}, tp {r.tp_rank}, cp {r.cp_rank}) checkpoint shards:")
