@@ -169,9 +169,10 @@ def initialize_parallel(config: ParallelConfig, *, hf_config=None, seed: int = 1
 
     Idempotent for the same ``config``; a different layout in the same process needs
     :func:`destroy_parallel` first. With ``hf_config`` the layout is checked against the model (heads,
-    KV heads, layers) before anything is created (``on_cpu`` as in :func:`validate_layout`). Seeds Megatron's RNG tracker so TP ranks draw
-    per-rank streams and all ranks of a stage agree on the default stream (``seed + 100 * pp_rank``,
-    as Megatron's own training does).
+    KV heads, layers) before anything is created (``on_cpu`` as in :func:`validate_layout`; the planner
+    passes False to check a GPU layout on CPU). Seeds Megatron's RNG tracker so TP ranks draw per-rank
+    streams and all ranks of a stage agree on the default stream (``seed + 100 * pp_rank``, as Megatron's
+    own training does).
     """
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
