@@ -27,7 +27,8 @@ The local spec (CPU, no Transformer Engine) also keeps the GQA-expanded K/V (and
 and a second copy of the attention output. ``recompute: selective`` drops the attention internals,
 ``full`` keeps only each layer's input plus one layer recomputed in backward. Pipeline stage ``r`` holds
 ``min(pp - r, micro-batches)`` micro-batches in flight under 1F1B (interleaved: Megatron's warm-up count of
-model chunks). Backward keeps about one layer's worth of gradients alive. The last stage adds the chunked log-prob's peak (``actor/logprobs.py``: two fp32
+model chunks). Backward keeps about one layer's worth of gradients alive. The last stage adds the
+chunked log-prob's peak (``actor/logprobs.py``: two fp32
 ``chunk x V/t`` buffers forward; backward an fp32 ``V/t x h`` weight-gradient accumulator, the hidden
 gradient and one chunk) and the FIPO loss's per-token buffers (FutureKL's float64 scan and the loss terms).
 

@@ -88,7 +88,8 @@ def load_hf_config(cfg: FipoConfig, *, hf_config_path: str | None = None):
         return transformers.AutoConfig.from_pretrained(model_path), os.path.join(model_path, "config.json")
     stored = HF_CONFIG_DIR / Path(model_path.rstrip("/")).name
     if (stored / "config.json").is_file():
-        return transformers.AutoConfig.from_pretrained(str(stored)), str(stored.relative_to(HF_CONFIG_DIR.parents[1]) / "config.json")
+        source = stored.relative_to(HF_CONFIG_DIR.parents[1]) / "config.json"
+        return transformers.AutoConfig.from_pretrained(str(stored)), str(source)
     known = sorted(p.name for p in HF_CONFIG_DIR.iterdir() if (p / "config.json").is_file())
     raise ValueError(f"model.path {model_path!r}: no config.json there and no stored config named "
                      f"{Path(model_path).name!r} (stored: {known}); pass --hf-config PATH")
