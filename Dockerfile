@@ -1,20 +1,24 @@
-# fipo_megatron on an NGC PyTorch image: CUDA torch, Transformer Engine and Apex come with the base image;
-# megatron-core, SGLang and nvidia-modelopt are added on top (never re-installing torch).
+# The trainer image: NVIDIA's PyTorch container (its own CUDA torch, Transformer Engine and Apex), with
+# megatron-core, nvidia-modelopt and this package added under the image's own pip constraint file, so no step can
+# replace the image's torch. No rollout engine is installed here: SGLang pins one exact torch release and NGC
+# images carry a pre-release build (25.12: 2.10.0a0+b4e4ee81d3), so the two cannot share a Python environment.
+# Rollouts come from SGLang servers in SGLang's own image (examples/launch_sglang_servers.sh), or from the
+# colocated image (docker/colocated.Dockerfile). docs/containers.md says which image runs what.
 #
-#   docker build -t fipo_megatron:latest .
-#   docker build --build-arg NGC_TAG=25.04-py3 --build-arg SGLANG_VERSION=0.4.6.post5 -t fipo_megatron:25.04 .
+#   docker build -t fipo_megatron:trainer .
 #   docker run --gpus all --ipc=host --network=host --ulimit memlock=-1 --ulimit stack=67108864 \
-#       -v /models:/models -v /data:/workspace/fipo_megatron/data -v $PWD/runs:/workspace/fipo_megatron/runs \
-#       fipo_megatron:latest bash examples/run_qwen2.5_math_7b.sh
+#       -v /models:/models -v $PWD/data:/workspace/fipo_megatron/data -v $PWD/runs:/workspace/fipo_megatron/runs \
+#       fipo_megatron:trainer bash examples/run_qwen2.5_math_7b_servers.sh
 #
-# Multi-node: start one container per node with --network=host and the NNODES / NODE_RANK / MASTER_ADDR /
-# MASTER_PORT environment of examples/launch_multinode.sh; runs/ must be a shared filesystem.
-ARG NGC_TAG=25.04-py3
+# Every pip step below resolves against the image's packages (docker/base_images/ngc-pytorch-25.12.toml):
+# `python tools/check_image_deps.py Dockerfile` proves it with pip's resolver, without Docker. Changing NGC_TAG
+# needs a manifest for that tag.
+ARG NGC_TAG=25.12-py3
 FROM nvcr.io/nvidia/pytorch:${NGC_TAG}
 
-ARG MEGATRON_CORE_VERSION=">=0.16.1"
-ARG SGLANG_VERSION=""
-ARG MODELOPT_VERSION=""
+# megatron-core 0.17+ needs Python >= 3.12 (the image's); both versions below resolve against the image's torch.
+ARG MEGATRON_CORE_VERSION=0.19.2
+ARG MODELOPT_VERSION=0.47.0
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -23,23 +27,17 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /workspace/fipo_megatron
 
-# Pin the image's own torch / TE / flash-attn so no dependency can swap them for a PyPI build.
-RUN pip list --format=freeze | grep -iE '^(torch|transformer[-_]engine|flash[-_]attn|triton|apex)==' > /tmp/constraints.txt \
-    && cat /tmp/constraints.txt
+# The image's PIP_CONSTRAINT (/etc/pip/constraint.txt) stays in force for every install: torch, TE, Apex,
+# flash-attn and Triton keep the image's builds.
+RUN pip install "megatron-core==${MEGATRON_CORE_VERSION}" "nvidia-modelopt==${MODELOPT_VERSION}"
 
-# SGLang first (it has the strictest pins), then megatron-core and modelopt, all under the constraints.
-# SGLang releases pin one torch version: pick the NGC tag whose torch matches the SGLang release (the build
-# fails loudly at this step otherwise, rather than replacing the image's CUDA torch).
-RUN PIP_CONSTRAINT=/tmp/constraints.txt pip install "sglang[srt]${SGLANG_VERSION:+==${SGLANG_VERSION}}" \
-    && PIP_CONSTRAINT=/tmp/constraints.txt pip install "megatron-core${MEGATRON_CORE_VERSION}" \
-       "nvidia-modelopt[torch]${MODELOPT_VERSION:+==${MODELOPT_VERSION}}"
-
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml README.md ./
 COPY fipo_megatron ./fipo_megatron
 COPY examples ./examples
 COPY tools ./tools
-RUN PIP_CONSTRAINT=/tmp/constraints.txt pip install -e ".[data,logging,math-verify]" \
-    && python -c "import torch, megatron.core, transformers, sglang; print('torch', torch.__version__, 'mcore', megatron.core.__version__, 'transformers', transformers.__version__, 'sglang', sglang.__version__)"
+COPY docker ./docker
+RUN pip install -e ".[data,logging,math-verify]" \
+    && python -c "import torch, transformer_engine, megatron.core, transformers, fipo_megatron; print('torch', torch.__version__, 'mcore', megatron.core.__version__, 'transformers', transformers.__version__)"
 
 COPY tests ./tests
 CMD ["bash"]
