@@ -116,12 +116,11 @@ def read_instructions(text: str) -> list[Instruction]:
         parts = [line]
         while parts[-1].rstrip().endswith("\\") and i < len(lines):
             parts[-1] = parts[-1].rstrip()[:-1]
-            nxt = lines[i]
-            i += 1
-            if nxt.lstrip().startswith("#"):
-                parts.append("")
-                continue
-            parts.append(nxt)
+            while i < len(lines) and lines[i].lstrip().startswith("#"):
+                i += 1  # a comment inside a continued instruction is dropped, the continuation goes on
+            if i < len(lines):
+                parts.append(lines[i])
+                i += 1
         joined = " ".join(p.strip() for p in parts)
         op, _, arg = joined.partition(" ")
         out.append(Instruction(start, op.upper(), arg.strip()))
@@ -349,6 +348,7 @@ class StepResult:
     ok: bool
     detail: str
     seconds: float
+    installs: list[str] = dataclasses.field(default_factory=list)  # name==version this step would install
 
 
 class DockerfileCheck:
@@ -555,8 +555,9 @@ class DockerfileCheck:
             meta = item["metadata"]
             fake.add(meta["name"], meta["version"], requires=meta.get("requires_dist", []),
                      provides_extra=meta.get("provides_extra", []), requires_python=meta.get("requires_python"))
-        installed = ", ".join(f"{it['metadata']['name']}=={it['metadata']['version']}" for it in items if it.get("requested"))
-        self._after(ins, text, f"resolves; installs {len(items)} packages ({installed})", fake, t0)
+        requested = ", ".join(f"{it['metadata']['name']}=={it['metadata']['version']}" for it in items if it.get("requested"))
+        installs = [f"{it['metadata']['name']}=={it['metadata']['version']}" for it in items]
+        self._after(ins, text, f"resolves; installs {len(items)} packages ({requested})", fake, t0, installs)
 
     def _source_build(self, ins: Instruction, text: str, reqs: list[str], fake: FakeEnv, t0: float) -> None:
         built = []
@@ -569,15 +570,16 @@ class DockerfileCheck:
             fake.add(m.group(1), m.group(2), requires=requires, requires_python=requires_python or None)
             built.append(f"{m.group(1)}=={m.group(2)}")
         self._after(ins, text, f"source build against the image's torch ({', '.join(built)}: metadata needs torch "
-                               "importable); its sdist's Requires-Dist are met", fake, t0)
+                               "importable); its sdist's Requires-Dist are met", fake, t0, built)
 
-    def _after(self, ins: Instruction, text: str, detail: str, fake: FakeEnv, t0: float) -> None:
+    def _after(self, ins: Instruction, text: str, detail: str, fake: FakeEnv, t0: float,
+               installs: list[str] | None = None) -> None:
         check = run_pip(fake, ["check"])
         if check.returncode != 0:
             problems = "\n".join(l for l in check.stdout.splitlines() if l.strip())
             self._fail(ins, text, f"pip check after this step:\n{problems}", t0)
             return
-        self.results.append(StepResult(ins.line, text, True, detail, time.perf_counter() - t0))
+        self.results.append(StepResult(ins.line, text, True, detail, time.perf_counter() - t0, installs or []))
         self.log(f"{ins.line}: OK ({time.perf_counter() - t0:.1f} s) {detail}")
 
     def _fail(self, ins: Instruction, text: str, detail: str, t0: float) -> None:
