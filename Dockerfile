@@ -8,7 +8,9 @@
 #   docker build -t fipo_megatron:trainer .
 #   docker run --gpus all --ipc=host --network=host --ulimit memlock=-1 --ulimit stack=67108864 \
 #       -v /models:/models -v $PWD/data:/workspace/fipo_megatron/data -v $PWD/runs:/workspace/fipo_megatron/runs \
-#       fipo_megatron:trainer bash examples/run_qwen2.5_math_7b_servers.sh
+#       fipo_megatron:trainer bash examples/launch_multinode.sh examples/configs/qwen2.5_math_7b_fipo_servers.yaml
+# (with SGLang servers already up on the rollout nodes: examples/launch_sglang_servers.sh; multi-node: add
+# -e NNODES=N -e NODE_RANK=<i> -e MASTER_ADDR=<node 0>, and runs/ on a shared filesystem)
 #
 # Every pip step below resolves against the image's packages (docker/base_images/ngc-pytorch-25.12.toml):
 # `python tools/check_image_deps.py Dockerfile` proves it with pip's resolver, without Docker. Changing NGC_TAG

@@ -19,6 +19,10 @@ A ``--no-build-isolation --no-deps`` source build whose metadata needs the image
 Engine's PyTorch extension) cannot run here; its requirements are read from the sdist's PKG-INFO on PyPI and
 checked against the environment with ``pip check``.
 
+pip's answer for a step is kept for a day in ~/.cache/fipo-image-check, keyed by everything it depends on here
+(the simulated environment, the step's arguments, constraint files, the local project's pyproject.toml, pip's
+version): IMAGE_CHECK_CACHE_TTL_S sets the lifetime, 0 always asks PyPI.
+
 Needs PyPI and a CPython of each base image's minor version (``python3.12`` on PATH, a pyenv version, or
 ``IMAGE_CHECK_PYTHON_3_12=/path/to/python``). pip's cache keeps later runs fast. Exit status 1 when any step
 fails. Every pip step must pin its requirements (``==``): an unpinned one resolves to whatever the index holds
@@ -248,6 +252,8 @@ class FakeEnv:
     def __init__(self, root: str, python: str):
         subprocess.run([python, "-m", "venv", "--without-pip", root], check=True, capture_output=True)
         self.python = os.path.join(root, "bin", "python")
+        self.python_version = subprocess.run([self.python, "-c", "import sys; print(sys.version)"], check=True,
+                                             capture_output=True, text=True).stdout.strip()
         self.site = subprocess.run([self.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                    check=True, capture_output=True, text=True).stdout.strip()
         self.dists: dict[str, tuple[str, str]] = {}  # canonical name -> (name, version)
@@ -530,8 +536,10 @@ class DockerfileCheck:
             else:
                 reqs.append(a)
             i += 1
-        pinned = {canonical(re.split(r"[=<>!~;\s\[]", line.strip(), maxsplit=1)[0])
-                  for c in constraints for line in open(c) if "==" in line}
+        pinned: set[str] = set()
+        for c in constraints:
+            with open(c) as f:
+                pinned |= {canonical(re.split(r"[=<>!~;\s\[]", l.strip(), maxsplit=1)[0]) for l in f if "==" in l}
         for req in reqs:
             name = re.split(r"[=<>!~;\s\[]", req, maxsplit=1)[0]
             if not os.path.isabs(req) and "==" not in req and canonical(name) not in pinned:
@@ -541,16 +549,13 @@ class DockerfileCheck:
         pip_args = ["install", "--dry-run", "--report", report,
                     *options, *[x for c in constraints for x in ("-c", c)], *reqs]
         self.log(f"{ins.line}: pip {' '.join(pip_args[:1] + args)}")
-        proc = run_pip(fake, pip_args)
-        if proc.returncode != 0:
-            out = proc.stdout + proc.stderr
+        returncode, out, items = self._resolve(fake, pip_args, report, reqs, constraints)
+        if returncode != 0:
             if no_deps and no_isolation and "metadata-generation-failed" in out:
                 self._source_build(ins, text, reqs, fake, t0)
                 return
             self._fail(ins, text, pip_failure_summary(out), t0)
             return
-        with open(report) as f:
-            items = json.load(f)["install"]
         for item in items:
             meta = item["metadata"]
             fake.add(meta["name"], meta["version"], requires=meta.get("requires_dist", []),
@@ -558,6 +563,43 @@ class DockerfileCheck:
         requested = ", ".join(f"{it['metadata']['name']}=={it['metadata']['version']}" for it in items if it.get("requested"))
         installs = [f"{it['metadata']['name']}=={it['metadata']['version']}" for it in items]
         self._after(ins, text, f"resolves; installs {len(items)} packages ({requested})", fake, t0, installs)
+
+    def _resolve(self, fake: FakeEnv, pip_args: list[str], report: str, reqs: list[str], constraints: list[str]):
+        """pip's dry run, or its answer to the same question within the cache's lifetime. The key holds everything
+        the answer depends on here: the simulated environment, the arguments, the constraint files' and local
+        projects' contents, pip's version; PyPI itself changes slowly, hence IMAGE_CHECK_CACHE_TTL_S (1 day;
+        0 turns the cache off)."""
+        import hashlib
+
+        ttl = float(os.environ.get("IMAGE_CHECK_CACHE_TTL_S", "86400"))
+        key_parts = [sys.version, subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True,
+                                                 text=True).stdout, fake.python_version, *fake.freeze(),
+                     *[a for a in pip_args if a != report and a not in constraints]]  # temp paths vary
+        for c in constraints:
+            with open(c) as f:
+                key_parts.append(f.read())
+        for req in reqs:
+            project = os.path.join(re.sub(r"\[.*\]$", "", req), "pyproject.toml")
+            if os.path.isabs(req) and os.path.exists(project):
+                with open(project) as f:
+                    key_parts.append(f.read())
+        key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()
+        path = os.path.join(self.cache_dir, "resolve", key + ".json")
+        if ttl > 0 and os.path.exists(path) and time.time() - os.path.getmtime(path) < ttl:
+            with open(path) as f:
+                cached = json.load(f)
+            return cached["returncode"], cached["output"], cached["items"]
+        proc = run_pip(fake, pip_args)
+        items = []
+        if proc.returncode == 0:
+            with open(report) as f:
+                items = json.load(f)["install"]
+        if ttl > 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump({"returncode": proc.returncode, "output": proc.stdout + proc.stderr, "items": items}, f)
+            os.replace(path + ".tmp", path)
+        return proc.returncode, proc.stdout + proc.stderr, items
 
     def _source_build(self, ins: Instruction, text: str, reqs: list[str], fake: FakeEnv, t0: float) -> None:
         built = []
