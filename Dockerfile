@@ -29,7 +29,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /workspace/fipo_megatron
 
-# The image's PIP_CONSTRAINT (/etc/pip/constraint.txt) stays in force for every install: torch, TE, Apex,
+# The image's constraint file (/etc/pip/constraint.txt) stays in force for every install: torch, TE, Apex,
 # flash-attn and Triton keep the image's builds.
 RUN pip install "megatron-core==${MEGATRON_CORE_VERSION}" "nvidia-modelopt==${MODELOPT_VERSION}"
 

@@ -2,8 +2,8 @@
 --report``) for every pip step of each Dockerfile against a throwaway environment that holds the base image's
 preinstalled packages (docker/base_images/*.toml) under the image's constraints.
 
-The network tests need PyPI (reachable in CI) and a CPython 3.12 (the images' Python); they run the four
-Dockerfile checks concurrently, about a minute in all with a warm pip cache. The single-image recipe this
+The network tests need PyPI (reachable in CI) and a CPython 3.12 (the images' Python); they run their five
+Dockerfile checks concurrently (pip's answers are cached for a day: tools/check_image_deps.py). The single-image recipe this
 repository used to ship (NGC PyTorch with SGLang installed into it) is kept as a fixture and must stay red.
 """
 
@@ -95,8 +95,11 @@ def resolved(tmp_path_factory):
     assert '"nvdlfw-inspect==' in text
     broken = tmp / "colocated_without_nvdlfw.Dockerfile"
     broken.write_text(re.sub(r'"nvdlfw-inspect==[^"]*" ', "", text))
+    ngc_sglang = tmp / "ngc_25.12_sglang.Dockerfile"
+    ngc_sglang.write_text('FROM nvcr.io/nvidia/pytorch:25.12-py3\nRUN pip install "sglang==0.5.23"\n')
     jobs = {
         "pre_split": (FIXTURE, {"SGLANG_VERSION": "0.5.23"}),
+        "ngc_25.12_sglang": (str(ngc_sglang), {}),
         "trainer": (TRAINER, {}),
         "colocated": (COLOCATED, {}),
         "colocated_without_te_dep": (str(broken), {}),
@@ -120,6 +123,14 @@ def test_pre_split_recipe_cannot_resolve(resolved):
     assert "ResolutionImpossible" in failed.detail
     assert "sglang 0.5.23 depends on torch==2.14.1" in failed.detail
     assert re.search(r"\(constraint\) torch==2\.7\.0a0\+79aa17489c", failed.detail), failed.detail
+
+
+@pytest.mark.slow
+def test_ngc_constraint_file_forbids_sglang(resolved):
+    """The image's own constraint file alone (no step of ours) keeps SGLang out of NGC 25.12."""
+    ok, results = resolved["ngc_25.12_sglang"]
+    assert not ok and "ResolutionImpossible" in results[-1].detail
+    assert "(constraint) torch==2.10.0a0+b4e4ee81d3.nv25.12" in results[-1].detail, results[-1].detail
 
 
 @pytest.mark.slow
