@@ -24,9 +24,9 @@ pip's answer for a step is kept for a day in ~/.cache/fipo-image-check, keyed by
 version): IMAGE_CHECK_CACHE_TTL_S sets the lifetime, 0 always asks PyPI.
 
 Needs PyPI and a CPython of each base image's minor version (``python3.12`` on PATH, a pyenv version, or
-``IMAGE_CHECK_PYTHON_3_12=/path/to/python``). pip's cache keeps later runs fast. Exit status 1 when any step
-fails. Every pip step must pin its requirements (``==``): an unpinned one resolves to whatever the index holds
-on the day of the build, so it has no single answer to check.
+``IMAGE_CHECK_PYTHON_3_12=/path/to/python``). Exit status 1 when any step fails. Every requirement of a step
+must be pinned, with ``==`` or by a constraint file the step applies: an unpinned one resolves to whatever the
+index holds on the day of the build, so it has no single answer to check.
 """
 
 from __future__ import annotations
