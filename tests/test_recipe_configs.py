@@ -76,7 +76,10 @@ def validate_engine_settings(cfg):
         return [s.base_url for s in servers], ws.world_sizes(len(servers))
     assert cfg.rollout.engine == "sglang"
     num = kwargs.pop("num_engines", 1)
-    replicas = [_sglang_replica({"model_path": cfg.model.path, **kwargs}, i)["config"] for i in range(num)]
+    if num == 1:  # get_engine builds the engine from these kwargs directly
+        replicas = [SGLangEngineConfig(model_path=cfg.model.path, **kwargs)]
+    else:  # each replica from the engine's own replica rule (it may refuse several)
+        replicas = [_sglang_replica({"model_path": cfg.model.path, **kwargs}, i)["config"] for i in range(num)]
     assert all(isinstance(r, SGLangEngineConfig) for r in replicas)
     gpus = [g for r in replicas for g in range(r.base_gpu_id, r.base_gpu_id + r.tp_size)]
     assert len(set(gpus)) == len(gpus) <= 8, f"colocated replicas overlap or exceed a node's 8 GPUs: {gpus}"
