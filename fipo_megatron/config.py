@@ -263,10 +263,22 @@ class TrainerConfig:
     experiment_name: str = "fipo"
     val_interval: int = 0
     val_before_train: bool = False
+    # Stop (exit code 3) after this many steps in a row without progress: every optimizer step skipped for a
+    # non-finite loss/gradient, a non-finite reward, or no update at all. 0 = no limit.
+    max_consecutive_skipped_steps: int = 10
+    # After SIGTERM: save at the next step boundary and exit (code 143); exit anyway after this many seconds.
+    sigterm_grace_s: float = 25.0
+    # A fresh run (nothing to resume) refuses a run_dir holding an earlier run's files unless this is set;
+    # then those files (checkpoints, metrics, config) are removed first.
+    overwrite: bool = False
 
     def __post_init__(self):
         if self.total_training_steps < 1:
             raise ValueError(f"total_training_steps must be >= 1, got {self.total_training_steps}")
+        if self.max_consecutive_skipped_steps < 0:
+            raise ValueError(f"max_consecutive_skipped_steps must be >= 0, got {self.max_consecutive_skipped_steps}")
+        if not self.sigterm_grace_s > 0:
+            raise ValueError(f"sigterm_grace_s must be > 0, got {self.sigterm_grace_s}")
         if self.val_interval < 0:
             raise ValueError(f"val_interval must be >= 0, got {self.val_interval}")
 
@@ -324,6 +336,10 @@ class FipoConfig:
                              "must hold whole model replicas to feed its engine")
         if self.algorithm.filter_groups.enable and self.sampling.n < 2:
             raise ValueError("algorithm.filter_groups.enable needs rollout.n >= 2 (groups of one always agree)")
+        if self.sampling.temperature == 0 and self.sampling.n > 1:
+            raise ValueError(f"rollout.temperature=0 with rollout.n={self.sampling.n}: greedy decoding makes every "
+                             "response of a group identical, so no group has an advantage and no update happens; "
+                             "use a temperature > 0 or n=1")
 
     @property
     def run_dir(self) -> str:

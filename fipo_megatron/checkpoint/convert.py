@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from fipo_megatron.checkpoint.dist_ckpt import load_megatron_checkpoint, save_megatron_checkpoint
+from fipo_megatron.checkpoint.dist_ckpt import check_checkpoint_safe, load_megatron_checkpoint, save_megatron_checkpoint
 from fipo_megatron.checkpoint.fs import atomic_output_dir, check_output_dir
 from fipo_megatron.checkpoint.hf_io import HFCheckpointReader, TensorSpec, copy_hf_metadata, write_safetensors_shards
 from fipo_megatron.checkpoint.mappings.base import ModelMapping
@@ -198,6 +198,7 @@ def convert_megatron_to_hf(*, ckpt_dir: str | os.PathLike, hf_ref_dir: str | os.
     check_output_dir(out_dir, force=force)
     if not (ckpt_dir / "metadata.json").is_file():
         raise FileNotFoundError(f"Megatron dist checkpoint not found (no metadata.json): {ckpt_dir / 'metadata.json'}")
+    check_checkpoint_safe(ckpt_dir)  # before megatron-core unpickles its index
     hf_config = load_hf_config(hf_ref_dir)
     get_mapping(hf_config)
     dtype = _checkpoint_dtype(ckpt_dir)

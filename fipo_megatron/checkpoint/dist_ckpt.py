@@ -17,13 +17,21 @@ Host memory: a model-only load writes the SwiGLU ``linear_fc1`` halves straight 
 (no merge copy), and ``save_megatron_checkpoint(..., consume_model=True)`` (offline conversion) copies
 view-backed shards one parameter at a time; both keep the peak near one copy of the model
 (docs/benchmarks.md, "Checkpoint conversion").
+
+Loading never runs code from the checkpoint (a downloaded one may be hostile): before megatron-core
+reads anything, :func:`check_checkpoint_safe` unpickles torch DCP's ``.metadata`` (a plain pickle that
+torch reads with ``pickle.load``) with an allow-list of DCP's own metadata classes, and lists the
+globals of every ``*.pt`` (megatron-core's ``common.pt``, ``fipo_extra_state.pt``) without executing
+them; the extra state is then read with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,6 +48,80 @@ FORMAT_FILE = "fipo_checkpoint.json"
 # Sharding choices recorded in the checkpoint and replayed on load (Megatron-LM does the same), so a
 # newer megatron-core with other defaults still builds the sharded state dict the files were written with.
 _CONTENT_METADATA = {"singleton_local_shards": False}
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file would run code (or build objects outside the allow-list) when loaded."""
+
+
+# torch DCP pickles its ``Metadata`` (dataclasses and enums of these modules, torch.Size, dtypes, layouts);
+# read from torch/distributed/checkpoint/{metadata,planner,filesystem}.py of torch 2.13.
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
+                "torch.distributed.checkpoint.filesystem")
+_BUILTINS = {"set", "frozenset", "slice", "complex", "bytearray"}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, *, source: str):
+        super().__init__(io.BytesIO(data))
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        if module in _DCP_MODULES and not name.startswith("__"):
+            obj = getattr(__import__(module, fromlist=[name]), name, None)
+            if isinstance(obj, type) or name == "_StorageInfo":
+                return obj
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        if module == "torch" and name == "Size":
+            return torch.Size
+        if module == "torch.serialization" and name == "_get_layout":
+            return getattr(torch.serialization, name)
+        if module == "collections" and name == "OrderedDict":
+            import collections
+
+            return collections.OrderedDict
+        if module == "builtins" and name in _BUILTINS:
+            return getattr(__import__("builtins"), name)
+        raise UnsafeCheckpointError(f"{self.source} refers to {module}.{name}, which a checkpoint has no reason to "
+                                    "hold; refusing to load it (it could run code)")
+
+
+def check_checkpoint_safe(ckpt_dir: str | os.PathLike) -> None:
+    """Raise ``UnsafeCheckpointError`` naming the file if loading ``ckpt_dir`` could run code from it.
+
+    The DCP ``.metadata`` is unpickled with an allow-list (a pickle that is not even readable is named
+    too); every ``*.pt`` below ``ckpt_dir`` must load under ``weights_only=True`` without extra globals.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    meta = ckpt_dir / ".metadata"
+    if meta.is_file():
+        try:
+            _RestrictedUnpickler(meta.read_bytes(), source=str(meta)).load()
+        except UnsafeCheckpointError:
+            raise
+        except Exception as exc:  # truncated or garbage: say which file, not pickle's bare message
+            raise UnsafeCheckpointError(f"{meta} is not a readable checkpoint index ({type(exc).__name__}: {exc})") \
+                from None
+    for pt in sorted(ckpt_dir.rglob("*.pt")):
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(pt))
+        except Exception as exc:
+            raise UnsafeCheckpointError(f"{pt} is not a readable torch file ({type(exc).__name__}: {exc})") from None
+        if unsafe:
+            raise UnsafeCheckpointError(f"{pt} holds objects that need code to rebuild ({', '.join(unsafe[:5])}); "
+                                        "refusing to load it")
+
+
+def load_extra_state(ckpt_dir: str | os.PathLike) -> dict:
+    """The ``extra_state`` saved with the checkpoint (tensors and plain containers only: ``weights_only``)."""
+    path = Path(ckpt_dir) / EXTRA_STATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(f"{path} holds objects outside the weights-only allow-list: {exc}") from None
 
 
 def _unwrap(chunk):
@@ -169,8 +251,9 @@ def save_megatron_checkpoint(ckpt_dir: str | os.PathLike, model_chunks: Sequence
                              optimizer=None, extra_state: dict | None = None, consume_model: bool = False) -> Path:
     """Save ``model_chunks`` (and the Megatron ``optimizer``'s state) as a dist checkpoint, atomically.
 
-    Collective: every rank calls it with its own chunks. ``extra_state`` (picklable: step counters,
-    scheduler and data-loader state) is taken from rank 0 and returned by :func:`load_megatron_checkpoint`.
+    Collective: every rank calls it with its own chunks. ``extra_state`` (tensors and plain containers,
+    as ``torch.load(weights_only=True)`` reads them: step counters, scheduler state) is taken from
+    rank 0 and returned by :func:`load_megatron_checkpoint`.
     An existing ``ckpt_dir`` is replaced. Returns the final path. ``consume_model``: the caller drops the
     model after saving (offline conversion), so parameters may be freed while saving to lower the peak.
     """
@@ -231,6 +314,7 @@ def load_megatron_checkpoint(ckpt_dir: str | os.PathLike, model_chunks: Sequence
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "metadata.json").is_file():
         raise FileNotFoundError(f"not a Megatron dist checkpoint (no metadata.json): {ckpt_dir}")
+    check_checkpoint_safe(ckpt_dir)  # before megatron-core unpickles anything in it
     metadata = dict(_CONTENT_METADATA)
     if hasattr(dist_checkpointing, "load_content_metadata"):  # megatron-core >= 0.14
         metadata.update(dist_checkpointing.load_content_metadata(str(ckpt_dir)) or {})
@@ -265,5 +349,4 @@ def load_megatron_checkpoint(ckpt_dir: str | os.PathLike, model_chunks: Sequence
                              f"unexpected {result.unexpected_keys[:5]}")
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-    extra_path = ckpt_dir / EXTRA_STATE_FILE
-    return torch.load(extra_path, weights_only=False) if extra_path.is_file() else {}
+    return load_extra_state(ckpt_dir)
