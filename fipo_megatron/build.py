@@ -98,10 +98,11 @@ def build_engine(cfg: FipoConfig, hf_dir: str) -> RolloutEngine:
 
 
 def build_scorer(cfg: FipoConfig) -> ScoreRunner:
-    """The rule reward of ``reward.reward_fn``, each call under ``reward.timeout_s``."""
+    """The rule reward of ``reward.reward_fn``, each call under ``reward.timeout_s``, each batch under
+    ``reward.batch_timeout_s``."""
     score_fn, wrong = resolve_score_fn(cfg)
     return ScoreRunner(score_fn=score_fn, timeout_s=cfg.reward.timeout_s, wrong_score=wrong,
-                       num_workers=cfg.reward.num_workers)
+                       num_workers=cfg.reward.num_workers, batch_timeout_s=cfg.reward.batch_timeout_s)
 
 
 def build_overlong_penalty(cfg: FipoConfig) -> Callable[[int], float] | None:

@@ -160,12 +160,14 @@ class OverlongBufferConfig:
 class RewardConfig:
     """``reward_fn``: a registered reward ("dapo_math", "math_verify", "synthetic"); "auto" picks
     "synthetic" for the synthetic task and "dapo_math" otherwise. Each call runs under ``timeout_s``
-    (a hung verifier scores as wrong and is counted), in threads or, with ``num_workers > 0``, in a pool of
-    processes (``data.scoring.ScoreRunner``)."""
+    (a hung verifier scores as wrong and is counted), and the whole batch under ``batch_timeout_s``, in
+    ``num_workers`` processes that are killed when a call overruns (0: threads, only for trusted rules that
+    cannot hang: a spinning thread cannot be killed) (``data.scoring.ScoreRunner``)."""
 
     reward_fn: str = "auto"
     timeout_s: float = 10.0
-    num_workers: int = 0       # 0: threads (cheap rules); > 0: a process pool (CPU-heavy verifiers)
+    num_workers: int = 4       # > 0: scoring processes (killed on timeout); 0: threads in the trainer process
+    batch_timeout_s: float = 300.0  # deadline for scoring one generation batch; unfinished calls score wrong
     overlong_buffer: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
 
     def __post_init__(self):
@@ -173,6 +175,8 @@ class RewardConfig:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not self.batch_timeout_s > 0:
+            raise ValueError(f"batch_timeout_s must be > 0, got {self.batch_timeout_s}")
         if self.reward_fn not in ("auto", "synthetic", "math_verify"):
             from fipo_megatron.algo.rewards import get_reward_fn
 

@@ -4,6 +4,7 @@ packing."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -34,8 +35,8 @@ def test_timeout_and_errors_score_wrong(num_workers):
     t0 = time.monotonic()
     results, counts = runner.score(items)
     elapsed = time.monotonic() - t0
-    if num_workers:  # the hung workers were killed with their pool; the next batch gets a fresh one
-        assert runner._pool is None
+    if num_workers:  # the hung workers were killed and replaced; the next batch reuses the set
+        assert len(runner._workers) == 3 and all(w.proc.is_alive() for w in runner._workers)
         again, again_counts = runner.score(items[:1] + items[2:3])
         assert [r["score"] for r in again] == [1.0, -1.0] and again_counts == {"num_timeouts": 0, "num_errors": 0}
         runner.close()
@@ -46,6 +47,37 @@ def test_timeout_and_errors_score_wrong(num_workers):
     assert elapsed < 5.0  # the hung calls were abandoned after their timeout, not waited for
     with pytest.raises(ValueError, match="timeout_s"):
         ScoreRunner(score_fn=_verifier, timeout_s=0)
+
+
+def _spinner(*, response_text, pid_dir, **_):
+    if response_text == "nan":
+        return float("nan")
+    if response_text == "ok":
+        return 1.0
+    with open(os.path.join(pid_dir, str(os.getpid())), "w"):
+        pass
+    while True:  # a verifier that spins the CPU and never returns
+        pass
+
+
+def test_spinning_verifiers_are_killed_within_the_batch_deadline(tmp_path):
+    """8 spinning calls on 2 workers with a 1 s per-call timeout would take 4 s in rounds; the batch
+    deadline (1.5 s) bounds the whole batch, every spinning process is gone afterwards, and a NaN score
+    counts as an error instead of reaching the advantages."""
+    runner = ScoreRunner(score_fn=_spinner, timeout_s=1.0, wrong_score=-1.0, num_workers=2, batch_timeout_s=1.5)
+    items = [{"response_text": t, "pid_dir": str(tmp_path)} for t in ["ok", "nan"] + ["spin"] * 8]
+    t0 = time.monotonic()
+    results, counts = runner.score(items)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 3.0
+    assert [r["score"] for r in results] == [1.0] + [-1.0] * 9
+    assert counts == {"num_timeouts": 8, "num_errors": 1}
+    pids = [int(p) for p in os.listdir(tmp_path)]
+    assert pids  # some spinners started ...
+    for pid in pids:  # ... and none of them is still running
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    runner.close()
 
 
 def test_math_verify_optional():
