@@ -134,3 +134,17 @@ def test_synthetic_task():
     hits = [synthetic_score(response_text=tok.decode([rng.randrange(tok.vocab_size) for _ in range(4)]),
                             ground_truth=x.ground_truth)["score"] for x in ds.records]
     assert 0.05 < sum(hits) / len(hits) < 0.2
+
+
+def test_first_bad_row_is_named_and_null_ground_truth_is_malformed(tmp_path, caplog):
+    path = tmp_path / "train.jsonl"
+    rows = [_row("what is 2+2?"), _row("what is 3+3?", answer=None), _row("   "), _row("x" * 50), _row("ok")]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with caplog.at_level("WARNING"):
+        ds = load_prompt_dataset(files=[str(path)], tokenizer=TOK, max_prompt_length=40)
+    assert ds.stats["num_malformed"] == 1 and ds.stats["num_prompts"] == 2
+    text = caplog.text
+    assert f"malformed: {path} row 2, field 'reward_model.ground_truth': null" in text
+    assert f"empty: {path} row 3, field 'prompt'" in text and f"overlong: {path} row 4, field 'prompt': 51 tokens" in text
+    with pytest.raises(ValueError, match=r"row 1, field 'reward_model.ground_truth': missing"):
+        load_prompt_dataset(files=[], rows=[{"prompt": "hi"}], tokenizer=TOK, max_prompt_length=40)

@@ -2,9 +2,11 @@
 
 A row is ``{"prompt": [{"role": "user", "content": ...}, ...], "reward_model": {"ground_truth": ...},
 "data_source": ...}`` in a parquet file or a jsonl file (one object per line). Rows that cannot be read
-(bad JSON, missing or mistyped fields) are *malformed*, rows whose messages are blank are *empty*, rows
-longer than ``max_prompt_length`` tokens are *overlong*: all three are skipped and counted, never
-truncated (``PromptDataset.stats``; the trainer logs them and puts them in the metrics).
+(bad JSON, missing or mistyped fields, a ``null`` ground truth, which no answer could match) are
+*malformed*, rows whose messages are blank are *empty*, rows longer than ``max_prompt_length`` tokens are
+*overlong*: all three are skipped and counted, never truncated (``PromptDataset.stats``; the trainer logs
+them and puts them in the metrics). The warning names the first skipped row of each kind (file, row
+number counted from 1, field and reason), so a bad export can be found without a search.
 """
 
 from __future__ import annotations
@@ -83,6 +85,12 @@ def _get_dotted(row: dict, key: str) -> Any:
     return node
 
 
+class _BadRow(Exception):
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
 def _messages(prompt: Any) -> list[dict]:
     """Normalise the prompt field: a list of {role, content} messages (a bare string is one user turn)."""
     if isinstance(prompt, str):
@@ -107,37 +115,54 @@ def load_prompt_dataset(*, files: list[str] | tuple[str, ...], tokenizer, max_pr
     if tokenizer is None:
         raise ValueError("load_prompt_dataset needs a tokenizer (see data.tokenizer.load_tokenizer)")
     stats = {"num_rows": 0, "num_malformed": 0, "num_empty": 0, "num_overlong": 0}
+    first: dict[str, str] = {}  # kind -> where the first skipped row of that kind is, and why
     records: list[PromptRecord] = []
-    sources = [iter(rows)] if rows is not None else [read_rows(p) for p in files]
-    for source in sources:
-        for row in source:
+    named = [("the given rows", iter(rows))] if rows is not None else [(p, read_rows(p)) for p in files]
+    for name, source in named:
+        for row_number, row in enumerate(source, start=1):
             stats["num_rows"] += 1
+            where = f"{name} row {row_number}"
             try:
                 if row is None:
-                    raise TypeError("not a JSON object")
-                messages = _messages(row[prompt_key])
-                ground_truth = _get_dotted(row, ground_truth_key)
+                    raise _BadRow("(row)", "not a JSON object")
+                if prompt_key not in row:
+                    raise _BadRow(prompt_key, "missing")
+                try:
+                    messages = _messages(row[prompt_key])
+                except TypeError as exc:
+                    raise _BadRow(prompt_key, str(exc)) from None
+                try:
+                    ground_truth = _get_dotted(row, ground_truth_key)
+                except KeyError:
+                    raise _BadRow(ground_truth_key, "missing") from None
+                if ground_truth is None:
+                    raise _BadRow(ground_truth_key, "null (no response could be scored right)")
                 data_source = str(row.get(data_source_key, "unknown"))
-            except (KeyError, TypeError):
+            except _BadRow as bad:
                 stats["num_malformed"] += 1
+                first.setdefault("malformed", f"{where}, field {bad.field!r}: {bad.reason}")
                 continue
             if not any(m["content"].strip() for m in messages):
                 stats["num_empty"] += 1
+                first.setdefault("empty", f"{where}, field {prompt_key!r}: blank messages")
                 continue
             ids = encode_prompt(tokenizer, messages, chat_template=chat_template, raw_template=raw_template)
             if len(ids) > max_prompt_length:
                 stats["num_overlong"] += 1
+                first.setdefault("overlong", f"{where}, field {prompt_key!r}: {len(ids)} tokens")
                 continue
             records.append(PromptRecord(index=len(records), prompt_ids=ids, ground_truth=ground_truth,
                                         data_source=data_source, messages=messages))
     stats["num_prompts"] = len(records)
     skipped = stats["num_malformed"] + stats["num_empty"] + stats["num_overlong"]
     if skipped:
-        logger.warning("prompt data: kept %d of %d rows (skipped %d malformed, %d empty, %d longer than %d tokens)",
-                       len(records), stats["num_rows"], stats["num_malformed"], stats["num_empty"],
-                       stats["num_overlong"], max_prompt_length)
+        logger.warning("prompt data: kept %d of %d rows (skipped %d malformed, %d empty, %d longer than %d tokens); "
+                       "first of each: %s", len(records), stats["num_rows"], stats["num_malformed"],
+                       stats["num_empty"], stats["num_overlong"], max_prompt_length,
+                       "; ".join(f"{kind}: {where}" for kind, where in first.items()))
     if not records:
-        raise ValueError(f"no usable prompts in {list(files) or 'the given rows'} (stats: {stats})")
+        raise ValueError(f"no usable prompts in {list(files) or 'the given rows'} (stats: {stats}; "
+                         f"first skipped: {'; '.join(first.values())})")
     return PromptDataset(records=records, stats=stats)
 
 
