@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -68,6 +69,39 @@ def _model_mapping(hf_config, params: dict[str, tuple], *, tp_size: int) -> Mode
     return mapping
 
 
+# HF tensors a model directory may carry that no parameter maps to: rotary caches some exporters keep, and
+# a tied model's copy of the embedding.
+_IGNORABLE_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def check_hf_tensor_names(hf_dir: str | os.PathLike, hf_config=None, *, reader: HFCheckpointReader | None = None) -> None:
+    """ValueError unless the HF directory's tensors are exactly those its ``config.json`` describes.
+
+    Reads only the names (the index, or each file's header). A ``config.json`` with fewer layers than the
+    weights (a truncated model would train), tensors no parameter uses, and tensors the model needs but the
+    directory lacks are all named.
+    """
+    hf_config = hf_config if hf_config is not None else load_hf_config(hf_dir)
+    mapping = get_mapping(hf_config)
+    reader = reader or HFCheckpointReader(hf_dir)
+    expected = set(mapping.hf_names())
+    present = set(reader.names())
+    extra = sorted(n for n in present - expected
+                   if not _IGNORABLE_HF.search(n) and not (n == "lm_head.weight" and mapping.tie_word_embeddings))
+    beyond = sorted({int(m.group(1)) for n in extra if (m := _HF_LAYER.match(n))})
+    if beyond and beyond[0] >= mapping.num_layers:
+        raise ValueError(f"HF model {hf_dir}: config.json has num_hidden_layers={mapping.num_layers} but the weights "
+                         f"hold layers up to {beyond[-1]} (e.g. {extra[0]!r}); fix config.json or the weights, "
+                         "a truncated model would train silently")
+    if extra:
+        raise ValueError(f"HF model {hf_dir}: {len(extra)} tensor(s) that no {mapping.architecture} parameter uses, "
+                         f"e.g. {extra[:5]}; is config.json the one these weights were saved with?")
+    missing = sorted(expected - present)
+    if missing:
+        raise ValueError(f"HF model {hf_dir}: {len(missing)} tensor(s) the model needs are missing, e.g. {missing[:5]}")
+
+
 @torch.no_grad()
 def load_hf_into_model(model_chunks: Sequence[torch.nn.Module], hf_dir: str | os.PathLike, *, groups,
                        hf_config=None, show_progress: bool = False) -> None:
@@ -75,18 +109,23 @@ def load_hf_into_model(model_chunks: Sequence[torch.nn.Module], hf_dir: str | os
 
     Every rank reads only the HF tensors of its own parameters (memory-mapped), builds each full
     Megatron tensor with the family mapping and copies its TP slice in; nothing else is materialised.
-    Shapes are checked against the config (ValueError naming the tensor and both shapes).
+    Shapes are checked against the config (ValueError naming the tensor and both shapes), the set of
+    tensors against the config (:func:`check_hf_tensor_names`), and every tensor must be finite.
     """
     from fipo_megatron.models.sharding import local_params, shard_for_tp
 
     hf_config = hf_config if hf_config is not None else load_hf_config(hf_dir)
     reader = HFCheckpointReader(hf_dir)
+    check_hf_tensor_names(hf_dir, hf_config, reader=reader)
     params = local_params(model_chunks)
     mapping = _model_mapping(hf_config, params, tp_size=groups.tp_size)
     bar = _progress(len(params), f"load {Path(hf_dir).name}", unit="tensor") if show_progress else None
     try:
         for name, (_, param, _) in params.items():
             sources = {h: reader.get(h) for h in mapping.hf_sources(name)}
+            for h, t in sources.items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"HF model {hf_dir}: tensor {h!r} holds NaN or Inf values")
             full = mapping.hf_to_megatron(name, sources)
             shard = shard_for_tp(name, full, tp_rank=groups.tp_rank, tp_size=groups.tp_size)
             if shard.shape != param.shape:
@@ -167,6 +206,7 @@ def convert_hf_to_megatron(*, hf_dir: str | os.PathLike, out_dir: str | os.PathL
                     num_query_groups=getattr(hf_config, "num_key_value_heads", None) or heads,
                     num_layers=hf_config.num_hidden_layers, on_cpu=False)
     reader = HFCheckpointReader(hf_dir)
+    check_hf_tensor_names(hf_dir, hf_config, reader=reader)  # before the model is built
     dtype = reader.dtype()
     reader.close()
     with single_process_model(hf_config, params_dtype=dtype) as (model, groups):
