@@ -22,7 +22,9 @@ Every part is built by ``build.py``. The rollout lives on global rank 0 (the emb
 of an SGLang/vLLM server; with ``rollout.placement=per_node`` rank 0 drives an engine on every node,
 ``rollout/node_engines.py``); every other rank waits in the broadcast. If the rollout raises (an engine
 unreachable after its retries) or a weight sync fails, every rank checkpoints the last complete state and
-stops (``RolloutError`` / ``WeightSyncError``), so a resume loses nothing.
+stops (``RolloutError`` / ``WeightSyncError``), so a resume loses nothing. The run guards
+(``guards.py``) stop a run after ``trainer.max_consecutive_skipped_steps`` steps without progress, refuse
+to checkpoint non-finite weights, and turn SIGTERM into a save at the next step boundary.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from fipo_megatron.batch import TrainBatch
 from fipo_megatron.build import build_actor, build_run_parts
 from fipo_megatron.checkpoint.manager import CheckpointManager
 from fipo_megatron.config import FipoConfig, config_to_dict, save_config
+from fipo_megatron.guards import DivergenceError, PreemptionHandler, SkipGuard, first_non_finite_parameter, skip_reason
 from fipo_megatron.log import get_logger
 from fipo_megatron.metrics import MetricsLogger, PhaseTimer
 from fipo_megatron.rollout.mismatch import rollout_mismatch_metrics
@@ -71,7 +74,9 @@ class Trainer:
         self.actor = build_actor(cfg, self.parts)
         self.placement.check_replica(self.actor.groups)
         self.ckpt = CheckpointManager(root=os.path.join(self.run_dir, "checkpoints"), keep_last=cfg.checkpoint.keep_last,
-                                      rank=self.rank, barrier=dist.barrier)
+                                      rank=self.rank, barrier=dist.barrier, world_size=dist.get_world_size(),
+                                      all_gather=_all_gather_objects)
+        self.skips = SkipGuard(max_consecutive=cfg.trainer.max_consecutive_skipped_steps)
         self.step = 0
         self._last_save_s: float | None = None
 
@@ -86,6 +91,7 @@ class Trainer:
         if resumed:
             self.sync_weights()  # the engine still holds the initial weights
         bar = self._progress_bar()
+        preemption = PreemptionHandler(grace_s=cfg.trainer.sigterm_grace_s).__enter__()
         try:
             if cfg.trainer.val_before_train and self.step == 0:
                 self.metrics.log(0, self._validate_everywhere())
@@ -98,17 +104,25 @@ class Trainer:
                     metrics["timing/last_save"], self._last_save_s = self._last_save_s, None
                 # Log, then save: a crash in between resumes from the previous checkpoint and re-logs this step.
                 self.metrics.log(self.step, metrics)
+                # One decision for every rank (only rank 0 has the reward metrics): a diverged run stops here,
+                # before its weights reach a checkpoint.
+                self.skips.observe(self.step, _broadcast_from_rank0(
+                    skip_reason(metrics, updated="actor/num_mini_batches" in metrics) if self.rank == 0 else None))
                 last = self.step == cfg.trainer.total_training_steps
                 interval = cfg.checkpoint.save_interval
+                saved = None
                 if (interval and self.step % interval == 0) or (last and cfg.checkpoint.save_at_end):
                     t = time.perf_counter()
-                    self.save()
+                    saved = self.save()
                     self._last_save_s = time.perf_counter() - t
+                if preemption.agreed():  # SIGTERM on any rank: this step boundary is the safe point
+                    raise preemption.error(self.step, saved=saved or self.save())
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in ("reward/mean", "rollout/acc")
                                      if isinstance(metrics.get(k), float)})
         finally:
+            preemption.__exit__(None, None, None)
             if bar is not None:
                 bar.close()
             self.metrics.close()
@@ -186,8 +200,18 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
         """Checkpoint this step (every rank): model, optimizer, LR, RNG, data position, step."""
-        return self.ckpt.save(step=self.step, trainer_state={"data": self._data_state()},
-                              save_model=self.actor.save_checkpoint)
+        return self._checked_save(self.step, {"data": self._data_state()})
+
+    def _checked_save(self, step: int, state: dict) -> str:
+        """Save only finite weights (``DivergenceError`` otherwise: the good checkpoints stay); a checkpoint
+        saved inside a run of skipped steps is marked as not passing, so rotation keeps an older good one."""
+        bad = first_non_finite_parameter(self.actor.model_chunks)
+        if bad is not None:
+            raise DivergenceError(f"step {step}: the weights are not finite ({bad}); not saving them. Resume from "
+                                  "the last checkpoint with a lower actor.lr")
+        return self.ckpt.save(step=step, trainer_state=state, save_model=self.actor.save_checkpoint,
+                              passed=self.skips.streak == 0,
+                              checks={"weights_finite": True, "consecutive_skipped_steps": self.skips.streak})
 
     def _data_state(self) -> dict | None:
         """The prompt sampler's position (rank 0; None elsewhere), for a checkpoint."""
@@ -234,7 +258,7 @@ class Trainer:
             return
         logger.error("stopping after: %s; saving step %d first", reason, step)
         try:
-            self.ckpt.save(step=step, trainer_state={"data": data_state}, save_model=self.actor.save_checkpoint)
+            self._checked_save(step, {"data": data_state})
         except Exception:  # noqa: BLE001
             logger.exception("could not save step %d before stopping", step)
 
@@ -242,10 +266,13 @@ class Trainer:
         mode = self.cfg.checkpoint.resume
         if mode == "never":
             return False
-        path = self.ckpt.latest() if mode == "auto" else mode
-        if path is None:
-            return False
-        state = self.ckpt.load(path, load_model=self.actor.load_checkpoint)
+        if mode == "auto":  # the newest checkpoint whose files match their checksums
+            found = self.ckpt.load_latest_intact(load_model=self.actor.load_checkpoint)
+            if found is None:
+                return False
+            path, state = found
+        else:
+            path, state = mode, self.ckpt.load(mode, load_model=self.actor.load_checkpoint)
         self.step = int(state["step"])
         if self.rank == 0:
             self.parts.sampler.load_state_dict(state["data"])
@@ -270,6 +297,15 @@ def _broadcast_from_rank0(obj):
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     dist.broadcast_object_list(box, src=0, device=device)
     return box[0]
+
+
+def _all_gather_objects(obj) -> list:
+    """``obj`` from every rank, in rank order (picklable objects)."""
+    if dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _broadcast_batch(error: str | None, batch: TrainBatch | None) -> tuple[str | None, TrainBatch | None]:
