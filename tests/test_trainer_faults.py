@@ -88,3 +88,38 @@ def test_sigterm_corrupt_checkpoint_divergence_and_fresh_run(tmp_path):
     passed = [json.load(open(os.path.join(ckpts, n, "integrity.json")))["passed"] for n in ("step_00000001",
                                                                                           "step_00000002")]
     assert passed == [True, False]  # step 2 was saved inside the streak: rotation would keep step 1
+
+
+def _nan_weights_worker(rank, world_size, run_dir):
+    import torch
+
+    from fipo_megatron.config import load_config
+    from fipo_megatron.guards import DivergenceError
+    from fipo_megatron.trainer import Trainer
+
+    trainer = Trainer(load_config(CONFIG, overrides=SMALL + ["parallel.tp=2", f"trainer.run_dir={run_dir}"]))
+    try:
+        trainer.step = 1
+        trainer.save()  # finite: saved
+        if rank == 1:  # a NaN on one rank only: every rank must refuse together
+            with torch.no_grad():
+                next(trainer.actor.model_chunks[0].parameters())[0].fill_(float("nan"))
+        trainer.step = 2
+        try:
+            trainer.save()
+        except DivergenceError as exc:
+            return str(exc)
+        return "saved"
+    finally:
+        trainer.close()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_non_finite_weights_are_never_saved(tmp_path):
+    from fipo_megatron.testing.distributed import run_distributed
+
+    run_dir = str(tmp_path / "run")
+    out = run_distributed(_nan_weights_worker, 2, args=(run_dir,), timeout=300)
+    assert out[0] == out[1] and "step 2: the weights are not finite (rank 1: " in out[0], out
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["latest", "step_00000001"]
