@@ -80,6 +80,40 @@ def test_spinning_verifiers_are_killed_within_the_batch_deadline(tmp_path):
     runner.close()
 
 
+def _trainer_with_scorer(queue):
+    runner = ScoreRunner(score_fn=_verifier, timeout_s=5.0, num_workers=3)
+    runner.score([{"response_text": "7", "ground_truth": "7"}] * 6)
+    queue.put([w.proc.pid for w in runner._workers])
+    time.sleep(60)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"  # a zombie waiting for its (new) parent
+    except FileNotFoundError:
+        return True
+
+
+def test_scoring_processes_exit_when_the_trainer_is_killed():
+    """A kill -9 of the trainer must not leave its scoring processes behind (each holds the trainer's
+    sockets and memory)."""
+    import multiprocessing as mp
+    import signal
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    trainer = ctx.Process(target=_trainer_with_scorer, args=(queue,))
+    trainer.start()
+    pids = queue.get(timeout=60)
+    os.kill(trainer.pid, signal.SIGKILL)
+    trainer.join()
+    deadline = time.monotonic() + 10
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(p) for p in pids)
+
+
 def test_math_verify_optional():
     try:
         import math_verify  # noqa: F401

@@ -53,11 +53,17 @@ def _call_in_worker(score_fn: Callable[..., Any], item: dict) -> tuple[bool, Any
         return False, f"{type(exc).__name__}: {exc}"
 
 
-def _worker_loop(conn, score_fn: Callable[..., Any]) -> None:
-    """Body of a scoring process: answer ``(index, item)`` requests until the pipe closes."""
+def _worker_loop(conn, parent_end, parent_pid: int, score_fn: Callable[..., Any]) -> None:
+    """Body of a scoring process: answer ``(index, item)`` requests until the pipe closes or the trainer dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it kills us itself
+    parent_end.close()  # else our own copy of the trainer's end would keep the pipe open after it died
     while True:
         try:
+            # Other workers forked later hold copies of the trainer's end of this pipe too, so EOF alone
+            # may never come after a kill -9 of the trainer: check who our parent is while idle.
+            while not conn.poll(1.0):
+                if os.getppid() != parent_pid:
+                    return
             index, item = conn.recv()
         except (EOFError, OSError):
             return
@@ -73,7 +79,8 @@ class _Worker:
 
     def __init__(self, ctx, score_fn: Callable[..., Any]):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_loop, args=(child, score_fn), daemon=True, name="fipo-score")
+        self.proc = ctx.Process(target=_worker_loop, args=(child, self.conn, os.getpid(), score_fn), daemon=True,
+                                name="fipo-score")
         self.proc.start()
         child.close()
         self.index: int | None = None
