@@ -61,17 +61,17 @@ def _spinner(*, response_text, pid_dir, **_):
 
 
 def test_spinning_verifiers_are_killed_within_the_batch_deadline(tmp_path):
-    """8 spinning calls on 2 workers with a 1 s per-call timeout would take 4 s in rounds; the batch
-    deadline (1.5 s) bounds the whole batch, every spinning process is gone afterwards, and a NaN score
+    """16 spinning calls on 2 workers with a 2 s per-call timeout would take 16 s in rounds; the batch
+    deadline (3 s) bounds the whole batch, every spinning process is gone afterwards, and a NaN score
     counts as an error instead of reaching the advantages."""
-    runner = ScoreRunner(score_fn=_spinner, timeout_s=1.0, wrong_score=-1.0, num_workers=2, batch_timeout_s=1.5)
-    items = [{"response_text": t, "pid_dir": str(tmp_path)} for t in ["ok", "nan"] + ["spin"] * 8]
+    runner = ScoreRunner(score_fn=_spinner, timeout_s=2.0, wrong_score=-1.0, num_workers=2, batch_timeout_s=3.0)
+    items = [{"response_text": t, "pid_dir": str(tmp_path)} for t in ["ok", "nan"] + ["spin"] * 16]
     t0 = time.monotonic()
     results, counts = runner.score(items)
     elapsed = time.monotonic() - t0
-    assert elapsed < 3.0
-    assert [r["score"] for r in results] == [1.0] + [-1.0] * 9
-    assert counts == {"num_timeouts": 8, "num_errors": 1}
+    assert elapsed < 8.0
+    assert [r["score"] for r in results] == [1.0] + [-1.0] * 17
+    assert counts == {"num_timeouts": 16, "num_errors": 1}
     pids = [int(p) for p in os.listdir(tmp_path)]
     assert pids  # some spinners started ...
     for pid in pids:  # ... and none of them is still running
