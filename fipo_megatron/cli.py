@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (see examples/configs/)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                        help="resume from the run dir's newest intact checkpoint, or from CKPT (= checkpoint.resume=...)")
+                        help="resume from the run dir's newest intact checkpoint, or from CKPT "
+                             "(= checkpoint.resume=...)")
     parser.add_argument("--no-resume", action="store_true", help="start fresh (= checkpoint.resume=never)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     argv = list(sys.argv[1:] if argv is None else argv)

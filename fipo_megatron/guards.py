@@ -204,7 +204,7 @@ def prepare_run_dir(run_dir: str, *, resume: str, resume_requested: bool, overwr
         return True
     if resume == "auto" and has_checkpoint(run_dir):
         return True
-    earlier = sorted(n for n in RUN_OUTPUTS if os.path.exists(os.path.join(run_dir, n))) if os.path.isdir(run_dir) else []
+    earlier = sorted(n for n in RUN_OUTPUTS if os.path.exists(os.path.join(run_dir, n)))
     if not earlier or resume_requested:
         return False
     if not overwrite:

@@ -60,14 +60,14 @@ def _worker(rank, world_size, root: str):
     # bad HF models
     weights = load_file(str(hf / "model.safetensors"))
     config = json.loads((hf / "config.json").read_text())
+    nan = weights["model.layers.1.mlp.up_proj.weight"].clone().fill_(float("nan"))
     fewer = dict(config, num_hidden_layers=1)
     if "layer_types" in fewer:  # transformers checks that these agree
         fewer["layer_types"] = fewer["layer_types"][:1]
     cases = {
         "fewer_layers": (fewer, weights),
         "extra_tensor": (config, dict(weights, **{"model.vision_tower.proj.weight": torch.zeros(2, 2)})),
-        "nan_weight": (config, dict(weights, **{"model.layers.1.mlp.up_proj.weight":
-                                                 weights["model.layers.1.mlp.up_proj.weight"].clone().fill_(float("nan"))})),
+        "nan_weight": (config, dict(weights, **{"model.layers.1.mlp.up_proj.weight": nan})),
     }
     for name, (cfg, tensors) in cases.items():
         d = root / f"hf_{name}"

@@ -145,6 +145,7 @@ def test_first_bad_row_is_named_and_null_ground_truth_is_malformed(tmp_path, cap
     assert ds.stats["num_malformed"] == 1 and ds.stats["num_prompts"] == 2
     text = caplog.text
     assert f"malformed: {path} row 2, field 'reward_model.ground_truth': null" in text
-    assert f"empty: {path} row 3, field 'prompt'" in text and f"overlong: {path} row 4, field 'prompt': 51 tokens" in text
+    assert f"empty: {path} row 3, field 'prompt'" in text
+    assert f"overlong: {path} row 4, field 'prompt': 51 tokens" in text
     with pytest.raises(ValueError, match=r"row 1, field 'reward_model.ground_truth': missing"):
         load_prompt_dataset(files=[], rows=[{"prompt": "hi"}], tokenizer=TOK, max_prompt_length=40)

@@ -166,7 +166,8 @@ def test_cli_parsing_and_early_errors(tmp_path, monkeypatch, caplog):
     assert cli.parse_args(["--config", "c", "--resume", "actor.lr=1"])[1] == ["actor.lr=1", "checkpoint.resume=auto"]
     assert cli.parse_args(["--config", "c", "a=1", "--no-resume", "b.c=2"])[1] == ["a=1", "b.c=2",
                                                                                     "checkpoint.resume=never"]
-    assert cli.parse_args(["--config", "c", "--resume", "/r/step_00000002"])[1] == ["checkpoint.resume=/r/step_00000002"]
+    ckpt = "/r/step_00000002"
+    assert cli.parse_args(["--config", "c", "--resume", ckpt])[1] == [f"checkpoint.resume={ckpt}"]
 
     def no_heavy_work():
         raise AssertionError("the process group started before the error")
@@ -181,7 +182,8 @@ def test_cli_parsing_and_early_errors(tmp_path, monkeypatch, caplog):
         cli.main(["--config", CONFIG, run, "parallel.tp=8"])
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="num_layers 3 is not divisible by pp"):
-        cli.main(["--config", CONFIG, run, "parallel.tp=1", "parallel.pp=2", "model.tiny_overrides.num_hidden_layers=3"])
+        cli.main(["--config", CONFIG, run, "parallel.tp=1", "parallel.pp=2",
+                  "model.tiny_overrides.num_hidden_layers=3"])
     with pytest.raises(ValueError, match="rollout.temperature=0 with rollout.n=8"):
         cli.main(["--config", CONFIG, run, "rollout.temperature=0"])
     os.makedirs(tmp_path / "run")

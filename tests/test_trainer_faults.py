@@ -20,9 +20,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "examples", "configs", "tiny_cpu.yaml")
 SMALL = ["data.train_batch_size=4", "data.gen_batch_size=4", "rollout.n=4", "actor.ppo_mini_batch_size=2",
          "data.max_response_length=4", "reward.overlong_buffer.len=1", "checkpoint.save_interval=1",
-         "checkpoint.keep_last=2", "trainer.val_interval=0", "trainer.val_before_train=false", "logging.tensorboard=false",
-         "logging.progress_bar=false", "algorithm.filter_groups.enable=false", "parallel.tp=1",
-         "reward.num_workers=1", "trainer.sigterm_grace_s=120"]
+         "checkpoint.keep_last=2", "trainer.val_interval=0", "trainer.val_before_train=false",
+         "logging.tensorboard=false", "logging.progress_bar=false", "algorithm.filter_groups.enable=false",
+         "parallel.tp=1", "reward.num_workers=1", "trainer.sigterm_grace_s=120"]
 
 
 def _cli(run_dir, *args):

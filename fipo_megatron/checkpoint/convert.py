@@ -75,7 +75,8 @@ _IGNORABLE_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def check_hf_tensor_names(hf_dir: str | os.PathLike, hf_config=None, *, reader: HFCheckpointReader | None = None) -> None:
+def check_hf_tensor_names(hf_dir: str | os.PathLike, hf_config=None, *,
+                          reader: HFCheckpointReader | None = None) -> None:
     """ValueError unless the HF directory's tensors are exactly those its ``config.json`` describes.
 
     Reads only the names (the index, or each file's header). A ``config.json`` with fewer layers than the

@@ -59,6 +59,7 @@ class UnsafeCheckpointError(ValueError):
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
                 "torch.distributed.checkpoint.filesystem")
 _BUILTINS = {"set", "frozenset", "slice", "complex", "bytearray"}
+_TORCH_ENUMS = (torch.dtype, torch.layout, torch.memory_format)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -71,7 +72,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             obj = getattr(__import__(module, fromlist=[name]), name, None)
             if isinstance(obj, type) or name == "_StorageInfo":
                 return obj
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+        if module == "torch" and isinstance(getattr(torch, name, None), _TORCH_ENUMS):
             return getattr(torch, name)
         if module == "torch" and name == "Size":
             return torch.Size

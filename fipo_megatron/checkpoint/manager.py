@@ -215,7 +215,8 @@ class CheckpointManager:
         torch.save(capture_rng_state(), os.path.join(tmp, "rng", f"rank_{self.rank:05d}.pt"))
         self._barrier()
         if self.rank == 0:
-            _write_atomic(os.path.join(tmp, "trainer_state.json"), json.dumps({"step": step, **trainer_state}, indent=1))
+            _write_atomic(os.path.join(tmp, "trainer_state.json"),
+                          json.dumps({"step": step, **trainer_state}, indent=1))
         self._barrier()
         files = self._hash_share(tmp)
         if self.rank == 0:
