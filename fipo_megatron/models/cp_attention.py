@@ -10,9 +10,14 @@ Layouts (what ``megatron.core.transformer.attention.Attention`` hands to core at
 - packed: q ``[t, np, hn]``, k/v ``[t, ng, hn]`` with ``packed_seq_params.cu_seqlens_q(_padded)`` the offsets
   of the *full* (pre-CP) packed batch -> out ``[t, np*hn]``; causal within each sequence only.
 With ``cp > 1`` every rank holds the zig-zag share of ``parallel.cp_layout``; K and V are all-gathered in the
-CP group (a differentiable gather whose backward reduce-scatters the gradient) and queries are masked by
-their global positions. SDPA computes the attention, one sequence at a time for packed input, so memory is
-O(L_i^2 / cp) per sequence rather than O(T^2) for the whole pack.
+CP group (a differentiable gather whose backward reduce-scatters the gradient) and put back in global order.
+
+Every path runs torch's fused attention kernels (CPU flash; CUDA flash for fp16/bf16, memory-efficient for
+fp32), never the math fallback that materialises an L x L score matrix per head: input is 4-D
+``[b, h, n, d]``, causal masking uses the kernels' own causal flag, and grouped K/V go to the kernel
+unexpanded where it reads them. Packed input runs one causal kernel call per sequence (memory O(L_i)).
+Under CP each of a rank's two zig-zag chunks attends to the keys before it in full and to itself causally,
+two kernel calls merged by log-sum-exp (``_PrefixCausalAttention``), so no dense mask is built either.
 """
 
 from __future__ import annotations
@@ -62,10 +67,122 @@ def _expand_kv(kv: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
     return kv if reps == 1 else kv.repeat_interleave(reps, dim=head_dim)
 
 
-def _sdpa(q_hqd, k_hkd, v_hkd, *, mask_qk=None, causal=False, scale, dropout_p):
-    # [h, q, d] x [h, k, d]: SDPA with an explicit boolean mask (True = attend) or its causal fast path.
-    return F.scaled_dot_product_attention(q_hqd, k_hkd, v_hkd, attn_mask=mask_qk, is_causal=causal,
-                                          dropout_p=dropout_p, scale=scale)
+def _use_gqa_kernel(q: torch.Tensor) -> bool:
+    # CPU's fused kernel and CUDA's flash kernel (fp16/bf16) read grouped K/V directly (enable_gqa); CUDA's
+    # memory-efficient kernel, the only fused one for fp32, does not, and enable_gqa would send it to math.
+    return q.device.type == "cpu" or q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _sdpa(q_bhqd, k_bgkd, v_bgkd, *, mask_qk=None, causal=False, scale, dropout_p):
+    """SDPA on 4-D ``[b, h, q, d]`` input, the layout torch's fused kernels (CPU flash, CUDA flash /
+    memory-efficient) take; 3-D input always falls back to the math path (an L x L score matrix per head).
+    K/V may hold fewer (grouped) heads."""
+    num_heads = q_bhqd.shape[1]
+    gqa = k_bgkd.shape[1] != num_heads
+    if gqa and not _use_gqa_kernel(q_bhqd):
+        k_bgkd, v_bgkd = (_expand_kv(x, num_heads, 1) for x in (k_bgkd, v_bgkd))
+        gqa = False
+    return F.scaled_dot_product_attention(q_bhqd, k_bgkd, v_bgkd, attn_mask=mask_qk, is_causal=causal,
+                                          dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+
+
+# ---------------------------------------------------------------- blockwise attention for context parallelism
+# A zig-zag chunk i of a sequence attends to every key before it and causally to itself: keys [0, i*c) in
+# full and [i*c, (i+1)*c) under a square causal mask. Each part runs in a fused kernel that also returns the
+# row log-sum-exp; the parts merge exactly (softmax over the union of keys); the backward pass hands every
+# part the *merged* output and log-sum-exp, which makes each kernel's backward produce that part's exact
+# share of the gradient (the ring-attention identity: P = exp(s - lse) and D = rowsum(dO * O) are the
+# global ones). torch's own ring attention does the same with these kernels
+# (torch/distributed/tensor/experimental/_context_parallel/_attention.py, torch 2.13).
+
+
+def _kernel_forward(q, k, v, *, causal: bool, scale: float):
+    """``(out, lse [b, h, q] fp32, state for the backward)`` from the fused kernel for this device/dtype."""
+    aten = torch.ops.aten
+    if q.device.type == "cpu":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return out, lse, ("cpu",)
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 \
+            and q.shape[-1] <= 256:
+        out, lse, cu_q, cu_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale)
+        return out, lse, ("flash", cu_q, cu_k, max_q, max_k, seed, offset)
+    if q.device.type == "cuda":
+        out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
+                                                                              scale=scale)
+        # the kernel pads the lse's query dim (to a multiple of 32); the backward wants that shape back
+        return out, lse[..., :q.shape[2]], ("efficient", lse.shape[-1], seed, offset)
+    raise ValueError(f"context-parallel local attention runs on CPU or CUDA, got device {q.device}")
+
+
+def _kernel_backward(dout, q, k, v, out, lse, state, *, causal: bool, scale: float):
+    aten = torch.ops.aten
+    kind = state[0]
+    if kind == "cpu":
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, causal,
+                                                                         scale=scale)
+    if kind == "flash":
+        _, cu_q, cu_k, max_q, max_k, seed, offset = state
+        return aten._scaled_dot_product_flash_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
+                                                                 0.0, causal, seed, offset, scale=scale)
+    _, lse_len, seed, offset = state
+    lse = F.pad(lse, (0, lse_len - lse.shape[-1])).contiguous()
+    grads = aten._scaled_dot_product_efficient_attention_backward(dout, q, k, v, None, out, lse, seed, offset, 0.0,
+                                                                  [True, True, True, False], causal, scale=scale)
+    return grads[:3]
+
+
+class _PrefixCausalAttention(torch.autograd.Function):
+    """Queries ``[b, h, c, d]`` at positions ``[p, p + c)`` over keys/values ``[b, h, p + c, d]`` (heads
+    already matched): keys ``[0, p)`` in full, the last ``c`` causally. Two fused-kernel calls merged by
+    log-sum-exp; no mask tensor and no score matrix."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        c = q.shape[2]
+        p = k.shape[2] - c
+        parts = [(p, p + c, True)] + ([(0, p, False)] if p > 0 else [])
+        results = [_kernel_forward(q, k[:, :, a:b], v[:, :, a:b], causal=causal, scale=scale)
+                   for a, b, causal in parts]
+        if len(results) == 1:
+            out, lse = results[0][0], results[0][1]
+        else:
+            (o1, l1, _), (o2, l2, _) = results
+            lse = torch.logaddexp(l1.float(), l2.float())
+            out = ((l1 - lse).exp()[..., None] * o1.float() + (l2 - lse).exp()[..., None] * o2.float()).to(q.dtype)
+        ctx.parts = [(a, b, causal, state) for (a, b, causal), (_, _, state) in zip(parts, results)]
+        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq = torch.zeros_like(q, dtype=torch.float32)
+        dk = torch.zeros_like(k)
+        dv = torch.zeros_like(v)
+        for a, b, causal, state in ctx.parts:
+            gq, gk, gv = _kernel_backward(dout, q, k[:, :, a:b], v[:, :, a:b], out, lse, state, causal=causal,
+                                          scale=ctx.scale)
+            dq += gq
+            dk[:, :, a:b] += gk
+            dv[:, :, a:b] += gv
+        return dq.to(q.dtype), dk, dv, None
+
+
+def _zigzag_attention(q_bhnd, k_bgLd, v_bgLd, *, cp: int, rank: int, scale: float):
+    """This rank's two zig-zag chunks of queries (``[b, h, 2c, d]``, local order) against the sequence's
+    keys/values in global order (``[b, g, L, d]``, ``L = 2 * cp * c``)."""
+    num_heads = q_bhnd.shape[1]
+    k, v = (_expand_kv(x, num_heads, 1) for x in (k_bgLd, v_bgLd))
+    c = q_bhnd.shape[2] // 2
+    outs = []
+    for half, chunk in enumerate((rank, 2 * cp - 1 - rank)):
+        end = (chunk + 1) * c
+        q = q_bhnd[:, :, half * c:(half + 1) * c].contiguous()
+        outs.append(_PrefixCausalAttention.apply(q, k[:, :, :end].contiguous(), v[:, :, :end].contiguous(), scale))
+    return torch.cat(outs, dim=2)
 
 
 class LocalCoreAttention(MegatronModule):
@@ -109,27 +226,36 @@ class LocalCoreAttention(MegatronModule):
 
     def _forward_padded(self, q_sbhd, k_sbgd, v_sbgd, attention_mask, dropout_p):
         s_local, b, num_heads, head_dim = q_sbhd.shape
+        q = q_sbhd.permute(1, 2, 0, 3)  # [b, h, s, d]
         cp = self.cp_size
         if cp > 1:
             if attention_mask is not None:
                 raise ValueError("with context parallelism pass attention_mask=None (causal masking only)")
+            self._check_cp_dropout(dropout_p)
             rank = dist.get_rank(self.cp_group)
             seq_len = s_local * cp
             k_sbgd, v_sbgd = self._gather_kv(k_sbgd, v_sbgd)
-            q_pos = cp_layout.local_positions(seq_len, cp_size=cp, cp_rank=rank).to(q_sbhd.device)
-            k_pos = torch.cat([cp_layout.local_positions(seq_len, cp_size=cp, cp_rank=r) for r in range(cp)])
-            mask = k_pos.to(q_sbhd.device)[None, :] <= q_pos[:, None]
+            # rank-order concatenation -> global positions
+            index = torch.cat([cp_layout.local_positions(seq_len, cp_size=cp, cp_rank=r) for r in range(cp)])
+            order = torch.argsort(index).to(k_sbgd.device)
+            k = k_sbgd.index_select(0, order).permute(1, 2, 0, 3)
+            v = v_sbgd.index_select(0, order).permute(1, 2, 0, 3)
+            out = _zigzag_attention(q, k, v, cp=cp, rank=rank, scale=self.softmax_scale)
         else:
+            k, v = k_sbgd.permute(1, 2, 0, 3), v_sbgd.permute(1, 2, 0, 3)
             mask = None
             if attention_mask is not None:  # Megatron convention: True = masked out
                 s_k = k_sbgd.shape[0]
                 causal = torch.ones(s_local, s_k, dtype=torch.bool, device=q_sbhd.device).tril()
                 mask = causal & ~attention_mask.to(torch.bool)  # broadcasts to [b, 1, s, s]
-        q = q_sbhd.permute(1, 2, 0, 3)  # [b, h, s, d]
-        k = _expand_kv(k_sbgd, num_heads, 2).permute(1, 2, 0, 3)
-        v = _expand_kv(v_sbgd, num_heads, 2).permute(1, 2, 0, 3)
-        out = _sdpa(q, k, v, mask_qk=mask, causal=mask is None, scale=self.softmax_scale, dropout_p=dropout_p)
+            out = _sdpa(q, k, v, mask_qk=mask, causal=mask is None, scale=self.softmax_scale, dropout_p=dropout_p)
         return out.permute(2, 0, 1, 3).reshape(s_local, b, num_heads * head_dim)
+
+    def _check_cp_dropout(self, dropout_p):
+        if dropout_p > 0:
+            raise ValueError(f"attention dropout ({dropout_p}) with context parallelism is not supported by the "
+                             "local attention (the blockwise kernels run without dropout); set "
+                             "attention_dropout=0 or use the Transformer Engine backend")
 
     def _forward_packed(self, q_thd, k_tgd, v_tgd, params, dropout_p):
         cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
@@ -146,8 +272,8 @@ class LocalCoreAttention(MegatronModule):
         if t_local * cp != cu_list[-1]:
             raise ValueError(f"packed input has {t_local} tokens per CP rank, but cu_seqlens end at "
                              f"{cu_list[-1]} (expected {t_local} * cp {cp})")
-        k_all = _expand_kv(k_tgd, num_heads, 1)
-        v_all = _expand_kv(v_tgd, num_heads, 1)
+        if cp > 1:
+            self._check_cp_dropout(dropout_p)
         outs = []
         q_start = 0
         for start, end in zip(cu_list[:-1], cu_list[1:]):
@@ -155,16 +281,14 @@ class LocalCoreAttention(MegatronModule):
             if length == 0:
                 continue
             n_q = length // cp
-            q = q_thd[q_start:q_start + n_q].transpose(0, 1)  # [h, n_q, d]
-            k = k_all[start:end].transpose(0, 1)
-            v = v_all[start:end].transpose(0, 1)
+            q = q_thd[q_start:q_start + n_q].transpose(0, 1)[None]  # [1, h, n_q, d]
+            k = k_tgd[start:end].transpose(0, 1)[None]  # [1, g, length, d]
+            v = v_tgd[start:end].transpose(0, 1)[None]
             if cp > 1:
-                q_pos = cp_layout.local_positions(length, cp_size=cp, cp_rank=rank).to(q.device)
-                mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]
-                out = _sdpa(q, k, v, mask_qk=mask, scale=self.softmax_scale, dropout_p=dropout_p)
+                out = _zigzag_attention(q, k, v, cp=cp, rank=rank, scale=self.softmax_scale)
             else:
                 out = _sdpa(q, k, v, causal=True, scale=self.softmax_scale, dropout_p=dropout_p)
-            outs.append(out.transpose(0, 1))
+            outs.append(out[0].transpose(0, 1))
             q_start += n_q
         out = torch.cat(outs, dim=0) if outs else q_thd.new_zeros(0, num_heads, head_dim)
         return out.reshape(t_local, num_heads * head_dim)
