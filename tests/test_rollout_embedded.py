@@ -141,3 +141,14 @@ def test_build_from_model_dir_and_memory_calls(tmp_path):
     with pytest.raises(ValueError, match="exactly one"):
         EmbeddedEngine(model=model, model_path=str(tmp_path))
     from_dir.shutdown()
+
+
+def test_lm_head_runs_on_last_position_only():
+    """Prefill and decode apply the LM head to one position per row (the prompt's other positions' logits
+    were never read); the sampled tokens stay transformers' greedy ones (first test)."""
+    model = _sharp_model("qwen2")
+    seen = []
+    model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape[:2])))
+    engine = EmbeddedEngine(model=model, eos_token_ids=[])
+    engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=3))
+    assert seen == [(len(PROMPTS), 1)] * 3
