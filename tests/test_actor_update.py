@@ -239,7 +239,9 @@ def test_influence_weights_one_on_first_mini_batch_only(reference):
     assert first["influence_weights_min"] == 1.0 and first["influence_weights_max"] == 1.0
     assert first["influence_weights_mean"] == 1.0
     assert second["influence_weights_max"] > 1.0 + 1e-4
-    assert abs(second["ppo_kl"]) > 0 and first["ppo_kl"] == 0.0
+    # Not bit-zero: the old-log-prob pass packs the whole step, the update one mini-batch, and a token's
+    # log-prob can differ by an ulp between packings (seen with the math attention path as well).
+    assert abs(second["ppo_kl"]) > 1e-4 and abs(first["ppo_kl"]) < 1e-6
 
 
 @pytest.mark.distributed

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from fipo_megatron.actor.config import ActorConfig
 from fipo_megatron.actor.forward import install_hidden_states_output, make_forward_step, unwrap
-from fipo_megatron.actor.optim import build_optimizer, current_lr, grads_finite, wrap_ddp
+from fipo_megatron.actor.optim import build_optimizer, current_lr, step_if_finite, wrap_ddp
 from fipo_megatron.actor.packing import PackedMicroBatch, balanced_partition, plan_and_pack, sequence_multiple
 from fipo_megatron.actor.step import logprob_loss_fn, make_loss_fn, reduce_metrics, run_schedule
 from fipo_megatron.batch import Sample, TrainBatch
@@ -200,16 +200,15 @@ class MegatronActor:
         outputs = run_schedule(model_chunks=self.model_chunks, micro_batches=micro_batches,
                                forward_step=self._forward_step(loss_fn, temperature), forward_only=False, groups=g)
         metrics = reduce_metrics(outputs, groups=g, device=self.device)
-        # Loss guard: a non-finite loss or gradient anywhere skips this optimizer step on every rank.
-        ok = torch.tensor([1.0 if (math.isfinite(metrics["pg_loss"]) and grads_finite(self.model_chunks)) else 0.0],
-                          device=self.device)
+        # Loss guard: a non-finite loss anywhere skips this optimizer step on every rank; a non-finite
+        # gradient shows in the global grad norm (step_if_finite).
+        ok = torch.tensor([1.0 if math.isfinite(metrics["pg_loss"]) else 0.0], device=self.device)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         grad_norm = float("nan")
         skipped = 1.0
         if bool(ok.item()):
-            success, norm, _ = self.optimizer.step()
-            grad_norm = float(norm) if norm is not None else float("nan")
-            skipped = 0.0 if success else 1.0
+            stepped, grad_norm = step_if_finite(self.optimizer)
+            skipped = 0.0 if stepped else 1.0
         if skipped:
             for model in self.model_chunks:
                 model.zero_grad_buffer()

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 
@@ -72,17 +73,38 @@ def current_lr(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-def grads_finite(model_chunks: list) -> bool:
-    """Whether this rank's gradients (DDP fp32 buffers after the DP reduction) are all finite."""
-    found_bad = False
-    for chunk in model_chunks:
-        buffers = list(getattr(chunk, "buffers", []) or []) + list(getattr(chunk, "expert_parallel_buffers", []) or [])
-        if buffers:
-            found_bad |= any(not bool(torch.isfinite(b.grad_data).all()) for b in buffers)
+@torch.no_grad()
+def step_if_finite(optimizer) -> tuple[bool, float]:
+    """Megatron's optimizer step, skipped when a gradient anywhere is NaN or inf: ``(stepped, grad_norm)``.
+
+    The finiteness check is the global grad norm the step computes anyway for clipping (one reduction per
+    gradient tensor, then a scalar all-reduce over the model-parallel group; DDP has already reduced the
+    gradients over DP, so every rank sees the same norm and takes the same branch). A non-finite entry makes
+    that norm non-finite, so no gradient-sized temporary is built. This is ``ChainedOptimizer.step`` of
+    megatron-core 0.16-0.19 (``megatron/core/optimizer/optimizer.py``: ``prepare_grads``,
+    ``get_grad_norm``, ``clip_grad_by_total_norm_fp32`` per optimizer, ``step_with_ready_grads``) with the
+    check placed before the clip and the update: its own step would apply a NaN update (a NaN clip
+    coefficient fails ``< 1`` and leaves the gradients as they are).
+    """
+    # the name the optimizer module itself calls (the CPU compatibility layer patches it there)
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    clip_grad_by_total_norm_fp32 = mcore_optimizer.clip_grad_by_total_norm_fp32
+    if optimizer.prepare_grads():  # a loss scaler's own inf/nan check (fp16); bf16/fp32 have none
+        return False, float("nan")
+    grad_norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(grad_norm):
+        return False, grad_norm
+    decoupled = "use_decoupled_grad" in inspect.signature(clip_grad_by_total_norm_fp32).parameters
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(opt, "is_stub_optimizer", False) or opt.config.clip_grad <= 0:
             continue
-        for p in chunk.parameters():  # not DDP-wrapped: look at the plain grads
-            g = getattr(p, "main_grad", None)
-            g = p.grad if g is None else g
-            if g is not None and not bool(torch.isfinite(g).all()):
-                found_bad = True
-    return not found_bad
+        params = opt.get_parameters()
+        if params:
+            kwargs = {}
+            if decoupled:
+                kwargs["use_decoupled_grad"] = bool(getattr(
+                    opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8",
+                    getattr(opt.config, "use_precision_aware_optimizer", False)))
+            clip_grad_by_total_norm_fp32(params, max_norm=opt.config.clip_grad, total_norm=grad_norm, **kwargs)
+    return bool(optimizer.step_with_ready_grads()), grad_norm
