@@ -123,6 +123,9 @@ class RolloutConfig:
     engine_kwargs: dict = field(default_factory=dict)
     placement: str = "rank0"
     sync_bucket_mb: int = 512      # weight-sync bucket: peak extra memory ~2x this on the exporting ranks
+    # Send decoder projection weights block-FP8 (e4m3 + float32 ``weight_scale_inv`` per 128x128 block,
+    # weights/fp8.py) to an SGLang engine serving a block-FP8 model; needs CUDA.
+    weights_fp8: bool = False
     val_n: int = 1
     val_temperature: float = 1.0
     val_top_p: float = 0.7
@@ -136,6 +139,10 @@ class RolloutConfig:
             raise ValueError(f"val_top_p must be in (0, 1], got {self.val_top_p}")
         if self.placement not in ("rank0", "per_node"):
             raise ValueError(f"placement must be 'rank0' or 'per_node', got {self.placement!r}")
+        if self.weights_fp8:
+            from fipo_megatron.weights.fp8 import check_fp8_rollout_engine
+
+            check_fp8_rollout_engine(self.engine, field="rollout.weights_fp8")
         if self.placement == "per_node" and self.engine == "sglang_server":
             raise ValueError("placement=per_node places colocated engines; SGLang servers run where they were "
                              "launched (list them in engine_kwargs.base_urls, placement=rank0)")

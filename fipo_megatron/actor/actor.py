@@ -53,7 +53,7 @@ class MegatronActor:
         from megatron.core.distributed import finalize_model_grads
 
         from fipo_megatron.algo.policy_loss import get_policy_loss
-        from fipo_megatron.models.builder import build_model_chunks
+        from fipo_megatron.models.builder import build_model_chunks, require_fp8_training
 
         if parallel.num_virtual_stages > 1 and not torch.cuda.is_available():
             # Forward-only works, but the interleaved 1F1B update deadlocks in Megatron's p2p shape
@@ -62,6 +62,8 @@ class MegatronActor:
         if actor_config.recompute != "none" and not torch.cuda.is_available():
             # Megatron's activation checkpointing saves/restores CUDA RNG states (tensor_parallel.random).
             raise ValueError("ActorConfig.recompute needs CUDA (Megatron's checkpointing reads CUDA RNG state)")
+        if actor_config.precision == "fp8":
+            require_fp8_training(field="ActorConfig.precision")
         use_dist_opt = actor_config.use_distributed_optimizer or parallel.use_distributed_optimizer
         if use_dist_opt and not torch.cuda.is_available():
             raise ValueError("ActorConfig.use_distributed_optimizer needs CUDA (Megatron's distributed optimizer)")
@@ -74,7 +76,8 @@ class MegatronActor:
         if parallel.pp > 1:
             overrides.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
         chunks = build_model_chunks(hf_config, parallel=parallel, params_dtype=actor_config.torch_params_dtype,
-                                    seed=actor_config.seed, config_overrides=overrides)
+                                    seed=actor_config.seed, config_overrides=overrides,
+                                    **actor_config.fp8_model_kwargs())
         for chunk in chunks:
             install_hidden_states_output(chunk)
         tf_config = chunks[0].config

@@ -8,6 +8,9 @@ import torch
 
 PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RECOMPUTE = ("none", "full", "selective")
+PRECISIONS = ("bf16", "fp8")
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -28,6 +31,14 @@ class ActorConfig:
         adam_beta1, adam_beta2, adam_eps: Adam hyper-parameters.
         clip_grad: global grad-norm clip (0 disables clipping).
         params_dtype: "float32" | "bfloat16" parameters (bf16 keeps fp32 main weights in the optimizer).
+        precision: "bf16" (GEMMs in ``params_dtype``: bfloat16 in the recipes, float32 in CPU tests) or "fp8"
+            (Transformer Engine FP8 GEMMs with bf16 parameters and fp32 main weights; needs CUDA and TE,
+            refused with a ValueError where either is missing).
+        fp8_format: with precision "fp8": "e4m3" (forward and backward in e4m3) or "hybrid" (e4m3 forward,
+            e5m2 gradients; Megatron-LM's usual training choice).
+        fp8_recipe: with precision "fp8": TE's scaling recipe: "delayed" (per-tensor amax history),
+            "tensorwise" (per-tensor current scaling) or "blockwise" (1x128 / 128x128 block scales, Hopper;
+            the recipe matching block-FP8 rollout weights).
         recompute: activation recomputation: "none" | "full" (every layer) | "selective" (core attention).
         use_distributed_optimizer: shard optimizer state over DP (GPU only).
         seed: RNG seed (model init before weights are loaded, dropout if any).
@@ -45,6 +56,9 @@ class ActorConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     params_dtype: str = "bfloat16"
+    precision: str = "bf16"
+    fp8_format: str = "hybrid"
+    fp8_recipe: str = "delayed"
     recompute: str = "none"
     use_distributed_optimizer: bool = False
     seed: int = 1234
@@ -69,12 +83,27 @@ class ActorConfig:
             raise ValueError(f"ActorConfig.clip_grad must be >= 0 (0 disables), got {self.clip_grad!r}")
         if self.params_dtype not in PARAMS_DTYPES:
             raise ValueError(f"ActorConfig.params_dtype must be one of {sorted(PARAMS_DTYPES)}, got {self.params_dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"ActorConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.fp8_format not in FP8_FORMATS:
+            raise ValueError(f"ActorConfig.fp8_format must be one of {FP8_FORMATS}, got {self.fp8_format!r}")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ValueError(f"ActorConfig.fp8_recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}")
+        if self.precision == "fp8" and self.params_dtype != "bfloat16":
+            raise ValueError(f"ActorConfig.precision='fp8' needs params_dtype='bfloat16' (FP8 GEMMs keep bf16 "
+                             f"parameters), got params_dtype={self.params_dtype!r}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"ActorConfig.recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
 
     @property
     def torch_params_dtype(self) -> torch.dtype:
         return PARAMS_DTYPES[self.params_dtype]
+
+    def fp8_model_kwargs(self) -> dict:
+        """``fp8`` / ``fp8_recipe`` for the model builder (empty unless precision is "fp8")."""
+        if self.precision != "fp8":
+            return {}
+        return {"fp8": self.fp8_format, "fp8_recipe": self.fp8_recipe}
 
     def recompute_overrides(self) -> dict:
         """``TransformerConfig`` fields for the chosen activation recomputation."""

@@ -32,7 +32,7 @@ logger = get_logger(__name__)
 
 BACKENDS = ("auto", "te", "local")
 FP8_FORMATS = (None, "e4m3", "hybrid")
-FP8_RECIPES = ("delayed", "blockwise")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
 
 
 def te_available() -> bool:
@@ -44,6 +44,17 @@ def te_available() -> bool:
     except Exception:  # ImportError, or a broken install raising at import
         return False
     return True
+
+
+def require_fp8_training(*, field: str = "actor.precision") -> None:
+    """Raise a ValueError naming ``field`` unless FP8 training can run here (CUDA and Transformer Engine):
+    called before any model is built, so a CPU or TE-less machine fails at start-up, not mid-build."""
+    if not torch.cuda.is_available():
+        raise ValueError(f"{field}='fp8' needs a CUDA GPU (Transformer Engine's FP8 GEMMs); none is visible. "
+                         "Use precision 'bf16' on this machine.")
+    if not te_available():
+        raise ValueError(f"{field}='fp8' needs Transformer Engine, which does not import here: "
+                         "pip install fipo_megatron[te] (or use precision 'bf16')")
 
 
 def resolve_backend(backend: str, *, fp8: str | None = None) -> str:

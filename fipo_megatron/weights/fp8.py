@@ -36,6 +36,23 @@ def fp8_quantization_config(*, block: int = BLOCK) -> dict:
             "weight_block_size": [block, block]}
 
 
+FP8_ROLLOUT_ENGINES = ("sglang", "sglang_server")
+
+
+def check_fp8_rollout_engine(engine: str, *, field: str = "rollout.weights_fp8") -> None:
+    """Config-time check: block-FP8 rollout weights go only to an SGLang engine (its block-FP8 linear
+    registers ``weight_scale_inv``; the embedded engine's and vLLM's parameter sets do not take them)."""
+    if engine not in FP8_ROLLOUT_ENGINES:
+        raise ValueError(f"{field}=true needs rollout.engine in {FP8_ROLLOUT_ENGINES} (an engine serving a "
+                         f"block-FP8 model), got {engine!r}")
+
+
+def require_fp8_rollout(*, field: str = "rollout.weights_fp8") -> None:
+    """Start-up check before the first sync: an engine computing in FP8 needs a CUDA GPU."""
+    if not torch.cuda.is_available():
+        raise ValueError(f"{field}=true needs a CUDA GPU (the engine's block-FP8 GEMMs); none is visible")
+
+
 def _block_view(x_NK: torch.Tensor, block: int) -> tuple[torch.Tensor, int, int]:
     n, k = x_NK.shape
     nb, kb = math.ceil(n / block), math.ceil(k / block)
