@@ -44,6 +44,7 @@ from fipo_megatron.log import get_logger
 from fipo_megatron.metrics import MetricsLogger, PhaseTimer
 from fipo_megatron.rollout.mismatch import rollout_mismatch_metrics
 from fipo_megatron.rollout.node_engines import RolloutPlacement
+from fipo_megatron.weights.fp8 import require_fp8_rollout
 from fipo_megatron.weights.transport import WeightSyncError, sync_weights
 
 logger = get_logger(__name__)
@@ -67,6 +68,8 @@ class Trainer:
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        if cfg.rollout.weights_fp8:
+            require_fp8_rollout()  # before anything heavy is built
         # Checked (per_node layout) before anything heavy is built; a collective on every rank.
         self.placement = RolloutPlacement(cfg.rollout.placement, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
                                           cp=cfg.parallel.cp)
@@ -181,7 +184,8 @@ class Trainer:
         return sync_weights(self.actor.model_chunks, groups=self.actor.groups, hf_config=self.parts.hf_config,
                             transport=engine.weight_transport() if engine is not None else None,
                             destination="rank0", bucket_bytes=self.parts.sync_bucket_bytes,
-                            exporting_replica=self.placement.exporting_replica(self.actor.groups))
+                            exporting_replica=self.placement.exporting_replica(self.actor.groups),
+                            fp8=self.cfg.rollout.weights_fp8)
 
     def validate(self) -> dict[str, float]:
         """Sample the validation prompts with the validation settings; avg@k of score and acc (rank 0)."""

@@ -88,3 +88,41 @@ def test_fp8_refused_without_transformer_engine(monkeypatch):
     monkeypatch.setattr(builder, "te_available", lambda: False)
     with pytest.raises(ValueError, match="needs Transformer Engine"):
         builder.require_fp8_training(field="actor.precision")
+
+
+def _trainer_fp8_worker(rank, world_size, tmp):
+    from fipo_megatron.trainer import Trainer
+
+    cfg = load_config(os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml"),
+                      overrides=["rollout.engine=sglang", "rollout.weights_fp8=true", f"trainer.run_dir={tmp}"])
+    try:
+        Trainer(cfg)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_trainer_refuses_fp8_rollout_without_cuda(tmp_path):
+    from fipo_megatron.testing.distributed import run_distributed
+
+    message = run_distributed(_trainer_fp8_worker, world_size=1, args=(str(tmp_path),), timeout=300)[0]
+    assert message is not None and "rollout.weights_fp8=true needs a CUDA GPU" in message
+
+
+@pytest.mark.parametrize("weights_fp8", [False, True])
+def test_trainer_sync_sends_fp8_when_configured(monkeypatch, weights_fp8):
+    """The trainer's sync passes rollout.weights_fp8 to the export (quantisation itself: test_weights_fp8)."""
+    import types
+
+    from fipo_megatron import trainer as trainer_mod
+
+    seen = {}
+    monkeypatch.setattr(trainer_mod, "sync_weights", lambda *args, **kwargs: seen.update(kwargs) or {})
+    fake = types.SimpleNamespace(
+        cfg=types.SimpleNamespace(rollout=types.SimpleNamespace(weights_fp8=weights_fp8)),
+        parts=types.SimpleNamespace(engine=None, hf_config=None, sync_bucket_bytes=1 << 20),
+        actor=types.SimpleNamespace(model_chunks=[], groups=None),
+        placement=types.SimpleNamespace(exporting_replica=lambda groups: True))
+    trainer_mod.Trainer.sync_weights(fake)
+    assert seen["fp8"] is weights_fp8
