@@ -32,12 +32,26 @@ def _group_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def _chunk_logits(hidden_CH: torch.Tensor, weight_VH: torch.Tensor, *, inv_temperature: float) -> torch.Tensor:
-    """fp32 logits of one chunk over this rank's valid vocab columns (padded rows are never multiplied)."""
-    logits_CV = torch.matmul(hidden_CH, weight_VH.t()).float()
+def _chunk_logits(hidden_CH: torch.Tensor, weight_VH: torch.Tensor, *, inv_temperature: float,
+                  out_CV: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 logits of one chunk over this rank's valid vocab columns (padded rows are never multiplied).
+
+    ``out_CV``: a reused fp32 workspace of the chunk's shape. A fresh chunk-sized tensor per chunk costs
+    more than the arithmetic on CPU (the allocator returns big blocks to the OS, so every chunk page-faults
+    its ~chunk x V x 4 bytes in again)."""
+    if out_CV is not None and hidden_CH.dtype == torch.float32:
+        logits_CV = torch.matmul(hidden_CH, weight_VH.t(), out=out_CV)
+    elif out_CV is not None:
+        logits_CV = out_CV.copy_(torch.matmul(hidden_CH, weight_VH.t()))
+    else:
+        logits_CV = torch.matmul(hidden_CH, weight_VH.t()).float()
     if inv_temperature != 1.0:
         logits_CV.mul_(inv_temperature)
     return logits_CV
+
+
+def _workspace(num_tokens: int, chunk_size: int, vocab_local: int, device) -> torch.Tensor:
+    return torch.empty(min(chunk_size, num_tokens), vocab_local, dtype=torch.float32, device=device)
 
 
 def _local_target(labels_C: torch.Tensor, *, vocab_start: int, vocab_local: int):
@@ -60,9 +74,12 @@ class _ChunkedVocabParallelLogProb(torch.autograd.Function):
         logp_T = torch.empty(num_tokens, dtype=torch.float32, device=hidden_TH.device)
         lse_T = torch.empty_like(logp_T)
         entropy_T = torch.empty_like(logp_T) if with_entropy else None
+        logits_ws = _workspace(num_tokens, chunk_size, vocab_local, hidden_TH.device)
+        exp_ws = _workspace(num_tokens, chunk_size, vocab_local, hidden_TH.device)
         for start in range(0, num_tokens, chunk_size):
             end = min(start + chunk_size, num_tokens)
-            logits_CV = _chunk_logits(hidden_TH[start:end], valid_VH, inv_temperature=inv_temperature)
+            logits_CV = _chunk_logits(hidden_TH[start:end], valid_VH, inv_temperature=inv_temperature,
+                                      out_CV=logits_ws[:end - start])
             max_C = logits_CV.max(dim=1).values
             if tp_size > 1:
                 dist.all_reduce(max_C, op=dist.ReduceOp.MAX, group=tp_group)
@@ -70,10 +87,11 @@ class _ChunkedVocabParallelLogProb(torch.autograd.Function):
             target_C = logits_CV.gather(1, local_C.unsqueeze(1)).squeeze(1).masked_fill(~owned_C, 0.0)
             # Two chunk-sized buffers at most: the shifted logits z - m and exp(z - m).
             logits_CV.sub_(max_C.unsqueeze(1))
-            exp_CV = logits_CV.exp()
+            exp_CV = torch.exp(logits_CV, out=exp_ws[:end - start])
             sums = [exp_CV.sum(dim=1), target_C]
             if with_entropy:
-                sums.append(exp_CV.mul_(logits_CV).sum(dim=1))  # sum_v e^(z_v - m) * (z_v - m)
+                # sum_v e^(z_v - m) * (z_v - m), one dot product per row (no chunk-sized temporary)
+                sums.append(torch.bmm(exp_CV.unsqueeze(1), logits_CV.unsqueeze(2)).view(-1))
             del logits_CV, exp_CV
             stacked_KC = torch.stack(sums)
             if tp_size > 1:
@@ -85,6 +103,7 @@ class _ChunkedVocabParallelLogProb(torch.autograd.Function):
             if with_entropy:
                 # H = lse - E_p[z] = log(sumexp) - E_p[z - m]
                 entropy_T[start:end] = sumexp_C.log() - stacked_KC[2] / sumexp_C
+        del logits_ws, exp_ws
         ctx.save_for_backward(hidden_TH, weight_VH, labels_T, lse_T)
         ctx.tp_group, ctx.inv_temperature, ctx.chunk_size = tp_group, inv_temperature, chunk_size
         ctx.vocab_start, ctx.num_invalid = vocab_start, num_invalid
@@ -104,12 +123,14 @@ class _ChunkedVocabParallelLogProb(torch.autograd.Function):
         grad_weight_VH = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if need_w else None
         grad_logp_T = grad_logp_T.float()
         num_tokens = hidden_TH.shape[0]
+        logits_ws = _workspace(num_tokens, ctx.chunk_size, vocab_local, hidden_TH.device)
         for start in range(0, num_tokens, ctx.chunk_size):
             end = min(start + ctx.chunk_size, num_tokens)
             g_C = grad_logp_T[start:end]
             if not bool(g_C.any()):
                 continue  # prompt/padding chunks: nothing flows back (common in long prompts)
-            logits_CV = _chunk_logits(hidden_TH[start:end], valid_VH, inv_temperature=ctx.inv_temperature)
+            logits_CV = _chunk_logits(hidden_TH[start:end], valid_VH, inv_temperature=ctx.inv_temperature,
+                                      out_CV=logits_ws[:end - start])
             # dlogp/dz = onehot - p, so dL/dz = g * (onehot - p); built in place over the logits buffer.
             probs_CV = logits_CV.sub_(lse_T[start:end].unsqueeze(1)).exp_()
             grad_z_CV = probs_CV.mul_(-g_C.unsqueeze(1))
