@@ -89,13 +89,20 @@ def test_guard_sees_math_path():
         F.scaled_dot_product_attention(q, q, q, is_causal=True)
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
 @pytest.mark.parametrize("cp", [2, 3])
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 6e-2)])
-def test_zigzag_blocks_match_float64_softmax(cp, dtype, atol):
+def test_zigzag_blocks_match_float64_softmax(cp, dtype, atol, device):
     """Each rank's two zig-zag chunks (blockwise kernels, log-sum-exp merge, ring-style backward) vs one
-    float64 causal softmax: outputs, query grads per rank, key/value grads summed over ranks."""
+    float64 causal softmax: outputs, query grads per rank, key/value grads summed over ranks. On CUDA:
+    the flash kernel (bf16) and the memory-efficient one (fp32), whose log-sum-exp is padded."""
     from fipo_megatron.models.cp_attention import _zigzag_attention
 
+    if device == "cuda" and dtype == torch.float32:
+        atol = 1e-3  # TF32 may be on for the kernel's matmuls
     g = torch.Generator().manual_seed(cp)
     seq_len, scale = 8 * cp, 0.3
     q = torch.randn(2, 4, seq_len, 16, generator=g, dtype=torch.float64)
@@ -110,14 +117,14 @@ def test_zigzag_blocks_match_float64_softmax(cp, dtype, atol):
     dv = torch.zeros_like(v)
     for rank in range(cp):
         pos = cp_layout.local_positions(seq_len, cp_size=cp, cp_rank=rank)
-        leaves = [q[:, :, pos].to(dtype).requires_grad_(True), k.to(dtype).requires_grad_(True),
-                  v.to(dtype).requires_grad_(True)]
+        leaves = [q[:, :, pos].to(device, dtype).requires_grad_(True), k.to(device, dtype).requires_grad_(True),
+                  v.to(device, dtype).requires_grad_(True)]
         out = _zigzag_attention(*leaves, cp=cp, rank=rank, scale=scale)
-        (out * up[:, :, pos].to(dtype)).sum().backward()
-        torch.testing.assert_close(out.double(), out_ref[:, :, pos].detach(), atol=atol, rtol=atol)
-        torch.testing.assert_close(leaves[0].grad.double(), ref[0].grad[:, :, pos], atol=atol, rtol=atol)
-        dk += leaves[1].grad.double()
-        dv += leaves[2].grad.double()
+        (out * up[:, :, pos].to(device, dtype)).sum().backward()
+        torch.testing.assert_close(out.double().cpu(), out_ref[:, :, pos].detach(), atol=atol, rtol=atol)
+        torch.testing.assert_close(leaves[0].grad.double().cpu(), ref[0].grad[:, :, pos], atol=atol, rtol=atol)
+        dk += leaves[1].grad.double().cpu()
+        dv += leaves[2].grad.double().cpu()
     torch.testing.assert_close(dk, ref[1].grad, atol=atol, rtol=atol)
     torch.testing.assert_close(dv, ref[2].grad, atol=atol, rtol=atol)
 
@@ -143,3 +150,19 @@ def test_cp2_packed_and_padded_take_fused_kernel():
     for rank, result in enumerate(run_distributed(_cp2_worker, world_size=2, timeout=300)):
         for layout, ops in result.items():
             _assert_fused(ops, f"{layout} cp=2 rank {rank}")
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_packed_attention_takes_fused_kernel(dtype):
+    """CUDA: packed cp=1 attention under the math-off backend context, profiled (flash for bf16,
+    memory-efficient for fp32; grouped K/V expanded for fp32 where the efficient kernel needs it)."""
+    attn = _attention(1)
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 40, 48, 128], dtype=torch.int32, device="cuda")
+    q = torch.randn(128, 4, 16, generator=g).to("cuda", dtype)
+    k, v = (torch.randn(128, 2, 16, generator=g).to("cuda", dtype) for _ in range(2))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        ops = _profiled_ops(lambda: _forward_backward(attn, q, k, v, _packed_params(cu)))
+    _assert_fused(ops, f"CUDA packed cp=1 {dtype}")
