@@ -66,28 +66,28 @@ EOF
 } >>"$FIG" 2>>"$LOG"
 
 section "GPU-marked tests"
-step "pytest -m gpu" 140 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$DIR/gpu_tests.xml"
+step "pytest -m gpu" 110 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$DIR/gpu_tests.xml"
 grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped)" "$LOG" | tail -n 15 >>"$FIG"
 
 section "actor vs plain loop, engine vs generate (CUDA, bf16, 44.8M Llama shape)"
 # memory per arm on CUDA is left to bench_actor_gpu (a fresh process per arm would cost ~10 s each here)
-step "bench_actor_vs_plain" 80 "$PY" tools/benchmarks/bench_actor_vs_plain.py --device cuda --dtype bfloat16 \
+step "bench_actor_vs_plain" 60 "$PY" tools/benchmarks/bench_actor_vs_plain.py --device cuda --dtype bfloat16 \
     --lengths 1024 8192 --repeats 2 --skip-memory --out "$FIG"
 
 section "bf16 FIPO actor step, Qwen2.5-1.5B shape"
-step "bench_actor_gpu" 120 "$PY" tools/benchmarks/bench_actor_gpu.py --responses 8192 20480 --repeats 2 --out "$FIG"
+step "bench_actor_gpu" 90 "$PY" tools/benchmarks/bench_actor_gpu.py --responses 8192 20480 --repeats 1 --out "$FIG"
 
 section "local attention, log-probs, FutureKL (CUDA)"
-step "bench_local_attention" 25 "$PY" tools/benchmarks/bench_local_attention.py --device cuda --repeats 3
-step "bench_logprobs" 40 "$PY" tools/benchmarks/bench_logprobs.py --device cuda
-step "bench_future_kl" 20 "$PY" tools/benchmarks/bench_future_kl.py --device cuda
+step "bench_local_attention" 20 "$PY" tools/benchmarks/bench_local_attention.py --device cuda --repeats 3
+step "bench_logprobs" 35 "$PY" tools/benchmarks/bench_logprobs.py --device cuda
+step "bench_future_kl" 15 "$PY" tools/benchmarks/bench_future_kl.py --device cuda
 # these three print their own tables; keep them with the figures
 awk '/^=== bench_(local_attention|logprobs|future_kl)/{p=1} /^=== (pytest|bench_actor|plan)/{p=0} p' "$LOG" \
     | grep -v -E "Warning|warn\(" >>"$FIG"
 
 if [ -f tools/benchmarks/plan_vs_measured_gpu.py ]; then
     section "plan vs measured"
-    step "plan_vs_measured_gpu" 45 bash -c "'$PY' tools/benchmarks/plan_vs_measured_gpu.py --out '$DIR/plan_vs_measured.json' | tee -a '$FIG'"
+    step "plan_vs_measured_gpu" 140 bash -c "'$PY' tools/benchmarks/plan_vs_measured_gpu.py --out '$DIR/plan_vs_measured.json' | tee -a '$FIG'"
 fi
 
 echo "# total $SECONDS s; any step failed: $failed" >>"$FIG"
