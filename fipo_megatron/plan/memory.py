@@ -23,8 +23,9 @@ g KV groups, d head dim, f FFN, t = TP, and /t on the first two terms with seque
     s a d / t   attention output               3 s f / t   SwiGLU: fc1 output (2f) and its product (f)
     + fp32: 2 s RMSNorm rstd, s a / t softmax log-sum-exp (flash attention)
 
-The local spec (CPU, no Transformer Engine) also keeps the GQA-expanded K/V (and the CP-gathered ones)
-and a second copy of the attention output. ``recompute: selective`` drops the attention internals,
+The local spec (CPU, no Transformer Engine) also keeps the CP-gathered K/V (with context parallelism, the
+heads-expanded K/V prefixes of its blockwise kernels; without it, the GQA-expanded K/V only for CUDA's fp32
+kernel) and a second copy of the attention output. ``recompute: selective`` drops the attention internals,
 ``full`` keeps only each layer's input plus one layer recomputed in backward. Pipeline stage ``r`` holds
 ``min(pp - r, micro-batches)`` micro-batches in flight under 1F1B (interleaved: Megatron's warm-up count of
 model chunks). Backward keeps about one layer's worth of gradients alive. The last stage adds the
@@ -215,9 +216,10 @@ def layer_activation_bytes(dims: ModelDims, *, tokens: int, tp: int, cp: int, se
                            recompute: str, backend: str, dtype_bytes: int, seq_len: int | None = None) -> int:
     """Bytes one layer keeps for backward for ``tokens`` local tokens (see the module docstring).
 
-    ``backend``: "te" (Transformer Engine's fused attention), "local" (the local spec on CUDA: SDPA's flash
-    kernels) or "local-cpu" (SDPA's math kernel, which keeps its ``heads x s x seq_len`` probabilities;
-    ``seq_len``, the longest sequence of the micro-batch, defaults to ``tokens * cp``).
+    ``backend``: "te" (Transformer Engine's fused attention), "local" (the local spec on CUDA: SDPA's flash /
+    memory-efficient kernels) or "local-cpu" (the same on CPU: SDPA's fused CPU kernel, which keeps only a
+    log-sum-exp per row, never the probabilities). ``seq_len`` is accepted for callers and unused: no
+    term grows with the sequence length any more.
     """
     s, h, a, g, d, f = tokens, dims.hidden, dims.heads, dims.groups, dims.head_dim, dims.ffn
     sp = tp if sequence_parallel else 1
@@ -231,11 +233,14 @@ def layer_activation_bytes(dims: ModelDims, *, tokens: int, tp: int, cp: int, se
             kv_len = s * cp
             if cp > 1:
                 elems += 2 * 2 * kv_len * g * d // tp  # gathered K/V and their reordered copies
-            if a != g:
-                elems += 2 * kv_len * a * d // tp      # GQA expansion for SDPA
+                elems += 2 * kv_len * a * d // tp      # the blockwise kernels' K/V prefixes (heads expanded)
+            elif a != g and backend == "local" and dtype_bytes == 4:
+                elems += 2 * kv_len * a * d // tp      # GQA expansion: CUDA's fp32 kernel takes no grouped K/V
             elems += s * a * d // tp                   # per-sequence SDPA outputs before the concat
-            if backend == "local-cpu":
-                elems += s * a // tp * (seq_len or s * cp)  # SDPA's math kernel keeps the probabilities
+            # Unfused local-spec modules (saved-tensor hooks on megatron-core 0.16's local spec): torch's
+            # RMSNorm keeps its weighted output besides x and x * rstd, and the SwiGLU keeps the gate's
+            # sum and silu output besides fc1's output and the product.
+            elems += 2 * s * h // sp + 2 * s * f // tp
     return elems * dtype_bytes + fp32 * 4
 
 
