@@ -24,6 +24,7 @@ from fipo_megatron.rollout.base import SamplingParams, get_engine, resolve_engin
 from fipo_megatron.rollout.http_client import (EngineRequestError, EngineUnavailableError, RetryPolicy,
                                                request_json)
 from fipo_megatron.rollout.mismatch import rollout_mismatch_metrics
+from fipo_megatron.rollout.sampling import request_seeds
 
 SAMPLING = SamplingParams(temperature=0.8, top_p=0.95, top_k=20, max_new_tokens=7, n=2, stop_token_ids=[5], seed=3)
 
@@ -61,6 +62,8 @@ class _FakeServer:
                 self.end_headers()
                 self.wfile.write(data)
 
+            do_GET = do_POST
+
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -77,10 +80,11 @@ def _sglang_item(tokens, logps, finish="stop"):
 
 def test_sglang_payload_and_parsing():
     payload = sglang_engine.generate_payload([[1, 2], [3]], SAMPLING)
+    seeds = request_seeds(3, 4)
     assert payload == {"input_ids": [[1, 2], [1, 2], [3], [3]], "return_logprob": True,
-                       "sampling_params": {"temperature": 0.8, "top_p": 0.95, "top_k": 20, "max_new_tokens": 7,
-                                           "skip_special_tokens": False, "no_stop_trim": True,
-                                           "stop_token_ids": [5], "sampling_seed": 3}}
+                       "sampling_params": [{"temperature": 0.8, "top_p": 0.95, "top_k": 20, "max_new_tokens": 7,
+                                            "skip_special_tokens": False, "no_stop_trim": True,
+                                            "stop_token_ids": [5], "sampling_seed": s} for s in seeds]}
     json.dumps(payload)  # plain JSON, no tensors
     out = sglang_engine.parse_sglang_output(_sglang_item([9, 5], [-0.5, -1.25]), prompt_index=1)
     assert (out.token_ids, out.log_probs, out.finish_reason, out.prompt_index) == ([9, 5], [-0.5, -1.25], "stop", 1)
@@ -97,8 +101,11 @@ def test_sglang_payload_and_parsing():
 
 
 def test_vllm_kwargs_and_parsing():
-    kwargs = vllm_engine.vllm_sampling_kwargs(SAMPLING)
-    assert kwargs["logprobs"] == 0 and kwargs["max_tokens"] == 7 and kwargs["n"] == 1 and kwargs["seed"] == 3
+    prompts, requests, index = vllm_engine.vllm_requests([[1, 2], [3]], SAMPLING)
+    assert prompts == [[1, 2], [1, 2], [3], [3]] and index == [0, 0, 1, 1]
+    assert [k["seed"] for k in requests] == request_seeds(3, 4)
+    kwargs = requests[0]
+    assert kwargs["logprobs"] == 0 and kwargs["max_tokens"] == 7 and kwargs["n"] == 1
     assert kwargs["stop_token_ids"] == [5] and kwargs["top_k"] == 20
     step = lambda tok, lp: {tok: SimpleNamespace(logprob=lp), 999: SimpleNamespace(logprob=-9.0)}  # noqa: E731
     ro = SimpleNamespace(outputs=[SimpleNamespace(token_ids=[4, 5], logprobs=[step(4, -0.1), step(5, -2.0)],
@@ -196,7 +203,8 @@ def _fake_sglang_server_process(port_queue, result_queue):
         result_queue.put({k: v.clone() for k, v in state["received"].items()})
         return "Cache flushed."
 
-    server = _FakeServer({}, handler={"/init_weights_update_group": init_group,
+    server = _FakeServer({}, handler={"/server_info": lambda p: {"tp_size": 1, "dp_size": 1, "pp_size": 1},
+                                      "/init_weights_update_group": init_group,
                                       "/update_weights_from_distributed": update, "/flush_cache": flush})
     port_queue.put(server.url)
     threading.Event().wait(60)
@@ -355,3 +363,128 @@ def test_two_servers_split_generation_and_config_errors():
         get_engine("sglang_server", base_url="http://x", weight_sync={"master_port": "29600", "engine_world_size": 1})
     sizes = sglang_engine.WeightSyncConfig(master_port=1234, engine_world_size=[2, 4]).world_sizes(2)
     assert sizes == [2, 4]
+
+
+# ---------------------------------------------------------------- engine calls that report failure by value
+class _RecordingSGLangEngine:
+    """Stands in for ``sglang.Engine`` only (the GPU object); answers as sglang 0.5.23's Engine does."""
+
+    def __init__(self, answers=None, **kwargs):
+        self.kwargs, self.answers, self.calls = kwargs, dict(answers or {}), []
+
+    def _answer(self, name, default):
+        self.calls.append(name)
+        return self.answers.get(name, default)
+
+    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
+        return self._answer("update_weights_from_tensor", (True, "Succeeded to update model weights."))
+
+    def flush_cache(self):
+        return self._answer("flush_cache", SimpleNamespace(success=True, message=""))
+
+    def release_memory_occupation(self, tags=None):
+        return self._answer("release_memory_occupation", None)
+
+    def resume_memory_occupation(self, tags=None):
+        return self._answer("resume_memory_occupation", None)
+
+    def shutdown(self):
+        self.calls.append("shutdown")
+
+
+def _colocated_sglang(monkeypatch, answers):
+    made = []
+
+    def engine(**kwargs):
+        made.append(_RecordingSGLangEngine(answers, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(sglang_engine, "_import_sglang", lambda: SimpleNamespace(Engine=engine))
+    return made
+
+
+def test_sglang_colocated_refused_weight_update_raises(monkeypatch):
+    from fipo_megatron.weights.transport import WeightSyncError
+
+    _colocated_sglang(monkeypatch, {"update_weights_from_tensor": (False, "Unknown weight name model.x.weight")})
+    engine = sglang_engine.SGLangEngine(model_path="/m")
+    try:
+        with pytest.raises(WeightSyncError, match="Unknown weight name model.x.weight"):
+            engine.update_weights([("model.x.weight", torch.zeros(2))])
+    finally:
+        engine.shutdown()
+    _colocated_sglang(monkeypatch, {"flush_cache": SimpleNamespace(success=False, message="requests running")})
+    engine = sglang_engine.SGLangEngine(model_path="/m")
+    try:
+        engine.update_weights([("model.x.weight", torch.zeros(2))])  # (True, ...) passes
+        with pytest.raises(WeightSyncError, match="flush_cache.*requests running"):
+            engine.finish_weight_update()
+        engine.release_memory()  # None is success for the memory calls
+        engine.resume_memory()
+    finally:
+        engine.shutdown()
+
+
+def test_sglang_server_refusals_raise_weight_sync_error():
+    from fipo_megatron.weights.transport import WeightSyncError
+
+    refused = {"success": False, "message": "Failed to update weights: shape mismatch"}
+    server = _FakeServer({"/update_weights_from_distributed": [(400, refused)],
+                          "/flush_cache": [(400, "Flush cache failed.")],
+                          "/release_memory_occupation": [(200, {"success": False, "message": "no memory saver"})]})
+    try:
+        engine = sglang_engine.SGLangServerEngine(base_url=server.url, retry=RetryPolicy(max_retries=0))
+        with pytest.raises(WeightSyncError, match="shape mismatch"):
+            engine.announce_bucket(["w"], ["float32"], [[2]])
+        with pytest.raises(WeightSyncError, match="Flush cache failed"):
+            engine.finish_weight_update()
+        with pytest.raises(RuntimeError, match="no memory saver"):
+            engine.release_memory()
+    finally:
+        server.close()
+
+
+def test_sglang_server_layout_checked_before_the_rendezvous():
+    # dp_size > 1 (SGLang asserts dp_size == 1) and pp_size > 1 (workers join at rank_offset + tp_rank) are
+    # refused naming the setting, before this rank waits in a rendezvous a worker short.
+    for info, match in [({"tp_size": 4, "dp_size": 2, "pp_size": 1}, "dp_size=2"),
+                        ({"tp_size": 4, "dp_size": 1, "pp_size": 2}, "pp_size=2"),
+                        ({"tp_size": 4, "dp_size": 1, "pp_size": 1}, r"engine_world_size=8 .* tp_size is 4")]:
+        server = _FakeServer({"/server_info": [(200, info)], "/init_weights_update_group": [(200, {"success": True})]})
+        try:
+            engine = get_engine("sglang_server", base_url=server.url, retry=RetryPolicy(max_retries=0),
+                                weight_sync={"master_port": _free_port(), "engine_world_size": 8,
+                                             "master_address": "127.0.0.1", "backend": "gloo"})
+            with pytest.raises(ValueError, match=match):
+                engine.connect_weight_sync()
+            assert [r[0] for r in server.requests] == ["/server_info"]  # never asked to join
+        finally:
+            server.close()
+
+
+def test_two_colocated_sglang_engines_in_one_process_refused(monkeypatch):
+    made = _colocated_sglang(monkeypatch, {})
+    with pytest.raises(ValueError, match="num_engines > 1 .*placement=per_node"):
+        get_engine("sglang", model_path="/m", tp_size=4, num_engines=2)
+    assert made == []  # refused before any engine started
+    first = sglang_engine.SGLangEngine(model_path="/m")
+    try:
+        with pytest.raises(RuntimeError, match="second sglang.Engine in one process"):
+            sglang_engine.SGLangEngine(model_path="/m", base_gpu_id=4)
+        assert len(made) == 1
+    finally:
+        first.shutdown()
+    sglang_engine.SGLangEngine(model_path="/m").shutdown()  # after shutdown a new one may start
+    with pytest.raises(ValueError, match="dp_size=2"):
+        sglang_engine.SGLangEngineConfig(model_path="/m", extra={"dp_size": 2})
+
+
+def test_request_seeds_reproducible_and_distinct_per_sample():
+    seeds = request_seeds(7, 64)
+    assert seeds == request_seeds(7, 64) and len(set(seeds)) == 64
+    assert all(0 <= s < 2**62 for s in seeds)
+    assert seeds[1] - seeds[0] == 1 or seeds[1] == 0  # consecutive, like vLLM's seed + i fan-out
+    assert not set(seeds) & set(request_seeds(8, 64))  # the next generation batch's seeds do not overlap
+    assert request_seeds(None, 3) == [None, None, None]
+    payload = sglang_engine.generate_payload([[1], [2]], dataclasses.replace(SAMPLING, n=4))
+    assert len({p["sampling_seed"] for p in payload["sampling_params"]}) == 8

@@ -42,3 +42,26 @@ def sample_next_token(logits_BV: torch.Tensor, *, sampling: SamplingParams,
         probs_BV = torch.softmax(filtered_BV, dim=-1)
         token_B = torch.multinomial(probs_BV, num_samples=1, generator=generator).squeeze(-1)
     return token_B, logp_BV.gather(-1, token_B.unsqueeze(-1)).squeeze(-1)
+
+
+# Per-request seeds of engines that expand ``n`` into separate requests (SGLang, vLLM).
+_SEED_SPACE = 1 << 62  # inside vLLM's and SGLang's int64 seed ranges, with headroom for their own arithmetic
+
+
+def request_seeds(seed: int | None, num_requests: int) -> list[int | None]:
+    """The sampling seed of each of ``num_requests`` requests of one call seeded ``seed`` (None: unseeded).
+
+    An engine seeds one generator per request (vLLM's per-request ``torch.Generator``; SGLang's
+    ``sampling_seed`` under deterministic inference), so the ``n`` samples of a prompt sent with one seed are
+    ``n`` copies of one response: GRPO advantages of zero, every group dropped by dynamic sampling. Request
+    ``k`` (prompt ``k // n``, sample ``k % n`` in the grouped order) samples with ``(h(seed) + k) mod 2**62``:
+    consecutive like vLLM's own ``n`` fan-out, which gives child ``i`` the seed ``seed + i``
+    (``vllm/v1/engine/parallel_sampling.py``, vllm 0.32.0), so no two requests of one call share a seed; the
+    hash ``h`` keeps calls with nearby seeds (the trainer counts generation batches) from sharing streams."""
+    if seed is None:
+        return [None] * num_requests
+    import hashlib
+
+    base = int.from_bytes(hashlib.blake2b(f"fipo-request-seed/{int(seed)}".encode(), digest_size=8).digest(),
+                          "little") % _SEED_SPACE
+    return [(base + k) % _SEED_SPACE for k in range(num_requests)]
