@@ -28,6 +28,12 @@ constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "torch==$TORCH_VERSION" > "$constraints"
 
+# pip reports the engine's uninstalled GPU dependencies as conflicts: expected with --no-deps. Those lines
+# (and the index notices of this machine's pip configuration) are dropped; a failing pip still fails here.
+pip_quiet() {
+  { "$@" 2>&1; } | { grep -v -E "^WARNING: Location|^ERROR: pip's dependency resolver|which is not installed|but you have .* which is incompatible" || true; }
+}
+
 build() {
   local name=$1 pin=$2; shift 2
   local dir="$ROOT_DIR/$name"
@@ -39,9 +45,9 @@ build() {
   rm -rf "$dir"
   "$PY" -m venv "$dir"
   local vpy="$dir/bin/python"
-  PIP_CONSTRAINT="$constraints" "$vpy" -m pip install -q "torch==$TORCH_VERSION"
-  PIP_CONSTRAINT="$constraints" "$vpy" -m pip install -q --no-deps "$pin"
-  PIP_CONSTRAINT="$constraints" "$vpy" -m pip install -q "$@"
+  PIP_CONSTRAINT="$constraints" pip_quiet "$vpy" -m pip install -q "torch==$TORCH_VERSION"
+  PIP_CONSTRAINT="$constraints" pip_quiet "$vpy" -m pip install -q --no-deps "$pin"
+  PIP_CONSTRAINT="$constraints" pip_quiet "$vpy" -m pip install -q "$@"
   echo "$spec" > "$dir/.built"
   echo "$dir ready: $("$vpy" -c "import torch, importlib.metadata as m; print('torch', torch.__version__, '$name', m.version('$name'))")"
 }

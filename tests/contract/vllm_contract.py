@@ -12,7 +12,7 @@ through vLLM's real code:
   an untyped ``MsgpackDecoder`` in a child process started with the environment this process had when the
   ``LLM`` was made (the engine core is spawned then, ``vllm/v1/engine/core.py`` ``process_input_sockets``),
   run there by ``vllm.v1.serial_utils.run_method`` on a worker class extended with the ``worker_extension_cls``
-  that vLLM resolves (``resolve_obj_by_qualname``), whose model loads through vLLM's ``AutoWeightsLoader``;
+  that vLLM resolves (``resolve_obj_by_qualname``), whose model loads the bucket by name;
 - sampling settings through ``vllm.SamplingParams`` and ``TokensPrompt``; outputs built as vLLM builds them
   (``CompletionOutput``, ``RequestOutput``, ``create_sample_logprobs`` / ``append_logprobs_for_next_position``,
   dict and flat log-prob containers), each request sampled with a generator seeded from its own seed, as
@@ -62,7 +62,9 @@ def _raw_sha(tensor: torch.Tensor) -> str:
 
 
 class TinyModel(torch.nn.Module):
-    """A model with HF-style parameter names whose ``load_weights`` is vLLM's own ``AutoWeightsLoader``."""
+    """A model with HF-style parameter names. Its ``load_weights`` copies by name with a shape check, as
+    vLLM's ``default_weight_loader`` does (``vllm/model_executor/model_loader/weight_utils.py``; that module
+    does not import without vLLM's GPU-side packages, and a real model's loader needs a GPU anyway)."""
 
     def __init__(self):
         super().__init__()
@@ -71,9 +73,14 @@ class TinyModel(torch.nn.Module):
         self.norm.weight = torch.nn.Parameter(torch.zeros(HIDDEN, dtype=torch.bfloat16))
 
     def load_weights(self, weights):
-        from vllm.model_executor.models.utils import AutoWeightsLoader
-
-        return AutoWeightsLoader(self).load_weights(weights)
+        params = dict(self.named_parameters())
+        loaded = set()
+        for name, tensor in weights:
+            param = params[name]
+            assert param.shape == tensor.shape, (name, param.shape, tensor.shape)
+            param.data.copy_(tensor)
+            loaded.add(name)
+        return loaded
 
 
 def engine_core_main(request_path: str, answer_path: str, report_path: str) -> None:
