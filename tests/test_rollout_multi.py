@@ -134,12 +134,9 @@ def test_get_engine_builds_replicas_or_refuses():
             get_engine("embedded", num_engines=bad, hf_config=model.config)
 
 
-def test_sglang_replicas_take_the_next_gpus():
-    from fipo_megatron.rollout.sglang_engine import SGLangEngineConfig, _sglang_replica
+def test_sglang_refuses_several_engines_in_one_process():
+    # One sglang.Engine per process (rollout/sglang_engine.py): replicas are refused before any starts.
+    from fipo_megatron.rollout.sglang_engine import _sglang_replica
 
-    first = _sglang_replica({"model_path": "/m", "tp_size": 4, "base_gpu_id": 0}, 0)["config"]
-    second = _sglang_replica({"model_path": "/m", "tp_size": 4, "base_gpu_id": 0}, 1)["config"]
-    assert (first.base_gpu_id, second.base_gpu_id) == (0, 4)
-    assert first.random_seed != second.random_seed and second.engine_kwargs()["base_gpu_id"] == 4
-    given = SGLangEngineConfig(model_path="/m", tp_size=2, base_gpu_id=2)
-    assert _sglang_replica({"config": given}, 2)["config"].base_gpu_id == 6
+    with pytest.raises(ValueError, match="one sglang.Engine per process"):
+        _sglang_replica({"model_path": "/m", "tp_size": 4, "base_gpu_id": 0}, 0)
