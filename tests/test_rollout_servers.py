@@ -488,3 +488,26 @@ def test_request_seeds_reproducible_and_distinct_per_sample():
     assert request_seeds(None, 3) == [None, None, None]
     payload = sglang_engine.generate_payload([[1], [2]], dataclasses.replace(SAMPLING, n=4))
     assert len({p["sampling_seed"] for p in payload["sampling_params"]}) == 8
+
+
+def _open_ipc_bucket_child(entries, result_queue):
+    torch.cuda.set_device(0)
+    named = vllm_engine.open_bucket(entries)
+    result_queue.put([(n, t.float().sum().item(), str(t.dtype), list(t.shape)) for n, t in named])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_vllm_ipc_entries_open_in_another_process():
+    # The CUDA IPC entries the vLLM worker extension receives: plain fields, opened in a second process.
+    ctx = mp.get_context("spawn")
+    bucket = [("w", torch.arange(12, dtype=torch.float32, device="cuda").reshape(3, 4)),
+              ("b", torch.ones(5, dtype=torch.bfloat16, device="cuda"))]
+    entries = [vllm_engine.ipc_handle(n, t) for n, t in bucket]
+    assert all(isinstance(v, (str, int, bool, bytes, list, type(None))) for e in entries for v in e.values())
+    queue = ctx.Queue()
+    child = ctx.Process(target=_open_ipc_bucket_child, args=(entries, queue))
+    child.start()
+    got = queue.get(timeout=120)
+    child.join(timeout=60)
+    assert got == [(n, t.float().sum().item(), str(t.dtype), list(t.shape)) for n, t in bucket]
