@@ -31,7 +31,9 @@ echo "torch==$TORCH_VERSION" > "$constraints"
 # pip reports the engine's uninstalled GPU dependencies as conflicts: expected with --no-deps. Those lines
 # (and the index notices of this machine's pip configuration) are dropped; a failing pip still fails here.
 pip_quiet() {
-  { "$@" 2>&1; } | { grep -v -E "^WARNING: Location|^ERROR: pip's dependency resolver|which is not installed|but you have .* which is incompatible" || true; }
+  local expected="^WARNING: Location|^ERROR: pip's dependency resolver|which is not installed"
+  expected="$expected|but you have .* which is incompatible"
+  { "$@" 2>&1; } | { grep -v -E "$expected" || true; }
 }
 
 build() {
@@ -49,7 +51,7 @@ build() {
   PIP_CONSTRAINT="$constraints" pip_quiet "$vpy" -m pip install -q --no-deps "$pin"
   PIP_CONSTRAINT="$constraints" pip_quiet "$vpy" -m pip install -q "$@"
   echo "$spec" > "$dir/.built"
-  echo "$dir ready: $("$vpy" -c "import torch, importlib.metadata as m; print('torch', torch.__version__, '$name', m.version('$name'))")"
+  "$vpy" -c "import torch, importlib.metadata as m; print('$dir ready: torch', torch.__version__, '$name', m.version('$name'))"
 }
 
 engines=("$@")

@@ -143,7 +143,8 @@ def open_bucket(entries: list[dict[str, Any]]) -> list[tuple[str, torch.Tensor]]
     for e in entries:
         dtype, shape = _dtype(e["dtype"]), torch.Size(e["shape"])
         if e["kind"] == "bytes":
-            raw = torch.frombuffer(bytearray(e["data"]), dtype=torch.uint8) if e["data"] else torch.empty(0, dtype=torch.uint8)
+            data = e["data"]
+            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
             named.append((e["name"], raw.view(dtype).reshape(shape)))
         elif e["kind"] == "ipc":
             from torch.multiprocessing.reductions import rebuild_cuda_tensor

@@ -120,7 +120,8 @@ def check_engine_kwargs_accepted_by_server_args():
 
     from fipo_megatron.rollout.sglang_engine import SGLangEngineConfig
 
-    kwargs = SGLangEngineConfig(model_path="/models/tiny", tp_size=4, enable_deterministic_inference=True).engine_kwargs()
+    config = SGLangEngineConfig(model_path="/models/tiny", tp_size=4, enable_deterministic_inference=True)
+    kwargs = config.engine_kwargs()
     # ServerArgs is assembled from its field namespaces (srt/arg_groups/fields/); its constructor lists them.
     fields = set(inspect.signature(ServerArgs).parameters)
     unknown = sorted(set(kwargs) - fields)

@@ -215,7 +215,8 @@ def check_weight_sync_through_engine_core():
     got = llm.last_report
     for name, tensor in bucket:
         assert got[name]["sha"] == _raw_sha(tensor), f"{name} arrived changed"
-        assert got[name]["dtype"] == str(tensor.dtype).removeprefix("torch.") and got[name]["shape"] == list(tensor.shape)
+        assert got[name]["dtype"] == str(tensor.dtype).removeprefix("torch."), name
+        assert got[name]["shape"] == list(tensor.shape), name
     engine.finish_weight_update()
 
 
