@@ -2,7 +2,7 @@
 
 ``bash tools/setup_engine_venvs.sh`` builds ``.engine_venvs/vllm`` and ``.engine_venvs/sglang`` (CPU torch, the
 pinned engine installed without its GPU dependencies, and the light packages its Python layer imports). Each
-venv runs one script of ``tests/contract/`` once per session; the script replaces only the object that needs a
+venv runs one script of ``tests/contract/`` once per test run; the script replaces only the object that needs a
 GPU (``vllm.LLM``, ``sglang.Engine``) and pushes our settings, requests, payloads and weight buckets through the
 engine's own classes, reporting every check. A test here skips only when its venv was not built.
 """
