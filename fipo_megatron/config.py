@@ -249,7 +249,10 @@ class CheckpointConfig:
 class LoggingConfig:
     """Metrics go to ``<run_dir>/metrics.jsonl`` always; TensorBoard and wandb when enabled.
     ``mismatch_interval``: how often to compare the actor's log-probs with the engine's (``rollout/logprob_*``);
-    it costs one forward pass unless the actor exposes its old log-probs (then it is logged every step)."""
+    it costs one forward pass unless the actor exposes its old log-probs (then it is logged every step).
+    ``token_records_interval``: every N steps write per-token records of ``token_records_samples`` responses
+    of the last mini-batch to ``<run_dir>/token_records.jsonl`` (``token_records.py``; 0 = never, the
+    default: each record holds ~10 numbers per token)."""
 
     tensorboard: bool = True
     wandb: bool = False
@@ -257,10 +260,16 @@ class LoggingConfig:
     wandb_run_name: str | None = None
     progress_bar: bool = True
     mismatch_interval: int = 10   # train/rollout log-prob mismatch every N steps (0 = never)
+    token_records_interval: int = 0   # per-token records every N steps (0 = never)
+    token_records_samples: int = 4    # responses per recorded step
 
     def __post_init__(self):
         if self.mismatch_interval < 0:
             raise ValueError(f"mismatch_interval must be >= 0, got {self.mismatch_interval}")
+        if self.token_records_interval < 0:
+            raise ValueError(f"token_records_interval must be >= 0 (0 = never), got {self.token_records_interval}")
+        if self.token_records_samples < 1:
+            raise ValueError(f"token_records_samples must be >= 1, got {self.token_records_samples}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,7 +28,8 @@ from fipo_megatron.actor.config import ActorConfig
 from fipo_megatron.actor.forward import install_hidden_states_output, make_forward_step, unwrap
 from fipo_megatron.actor.optim import build_optimizer, current_lr, step_if_finite, wrap_ddp
 from fipo_megatron.actor.packing import PackedMicroBatch, balanced_partition, plan_and_pack, sequence_multiple
-from fipo_megatron.actor.step import logprob_loss_fn, make_loss_fn, reduce_metrics, run_schedule
+from fipo_megatron.actor.step import (TokenCapture, collect_token_taps, logprob_loss_fn, make_loss_fn, reduce_metrics,
+                                      run_schedule)
 from fipo_megatron.batch import Sample, TrainBatch
 from fipo_megatron.log import get_logger
 from fipo_megatron.parallel.cp_layout import padded_length
@@ -47,6 +48,9 @@ class MegatronActor:
         last_mini_batch_metrics: per-mini-batch metrics of the last ``update`` (unprefixed names).
         last_old_log_probs: the old log-probs the last ``update`` recomputed (per sample), or None; the
             trainer's train/rollout mismatch metric reads them instead of running another forward pass.
+        last_token_taps: per-token values of the samples ``update(record_samples=...)`` asked for
+            (``{batch sample index: {field: [response_len]}}``, ``algo.policy_loss.TOKEN_TAP_FIELDS``), on
+            global rank 0; None elsewhere and when nothing was asked.
     """
 
     def __init__(self, *, hf_config, parallel: ParallelConfig, actor_config: ActorConfig, loss_config) -> None:
@@ -93,6 +97,7 @@ class MegatronActor:
         self.num_updates = 0
         self.last_mini_batch_metrics: list[dict[str, float]] = []
         self.last_old_log_probs: list[torch.Tensor] | None = None
+        self.last_token_taps: dict[int, dict[str, torch.Tensor]] | None = None
         self._multiple = sequence_multiple(tp_size=parallel.tp, sequence_parallel=parallel.sequence_parallel)
 
     # ------------------------------------------------------------------ packing
@@ -165,8 +170,13 @@ class MegatronActor:
         return flat
 
     # ------------------------------------------------------------------ update
-    def update(self, batch: TrainBatch) -> dict[str, float]:
-        """One training step on ``batch``: old log-probs, then one optimizer step per mini-batch; ``actor/`` metrics."""
+    def update(self, batch: TrainBatch, *, record_samples: Sequence[int] = ()) -> dict[str, float]:
+        """One training step on ``batch``: old log-probs, then one optimizer step per mini-batch; ``actor/`` metrics.
+
+        ``record_samples``: indices into ``batch.samples``, all in the last mini-batch, whose per-token loss
+        values on that last mini-batch (Δlog p against the step's start, FutureKL, ...) are kept in
+        ``last_token_taps``. The same on every rank. Empty (the default): nothing is tapped.
+        """
         t_start = time.perf_counter()
         old_log_probs = self.compute_log_probs(batch)
         self.last_old_log_probs = old_log_probs
@@ -175,12 +185,26 @@ class MegatronActor:
         per_mini = self.config.ppo_mini_batch_size * batch.num_responses_per_prompt
         starts = list(range(0, len(samples), per_mini))
         self.last_mini_batch_metrics = []
+        self.last_token_taps = None
+        capture = None
+        if record_samples:
+            last = starts[-1]
+            outside = [i for i in record_samples if not last <= i < len(samples)]
+            if outside:
+                raise ValueError(f"record_samples {outside} are not in the last mini-batch (samples {last}.."
+                                 f"{len(samples) - 1})")
+            capture = TokenCapture(sample_indices=frozenset(i - last for i in record_samples))
         for model in self.model_chunks:
             model.train()
-        for _ in range(self.config.ppo_epochs):
+        for epoch in range(self.config.ppo_epochs):
             for start in starts:
+                tap_here = capture if start == starts[-1] and epoch == self.config.ppo_epochs - 1 else None
                 self.last_mini_batch_metrics.append(self._update_mini_batch(
-                    samples[start:start + per_mini], old_log_probs[start:start + per_mini], batch.temperature))
+                    samples[start:start + per_mini], old_log_probs[start:start + per_mini], batch.temperature,
+                    capture=tap_here))
+        if capture is not None:
+            taps = collect_token_taps(capture, groups=self.groups)
+            self.last_token_taps = None if taps is None else {i + starts[-1]: v for i, v in taps.items()}
         self.scheduler.step(increment=1)
         self.num_updates += 1
         metrics = _combine_mini_batches(self.last_mini_batch_metrics)
@@ -189,7 +213,8 @@ class MegatronActor:
         metrics["timing/update_s"] = time.perf_counter() - t_start - t_old
         return {f"actor/{k}": v for k, v in metrics.items()}
 
-    def _update_mini_batch(self, samples, old_log_probs, temperature: float) -> dict[str, float]:
+    def _update_mini_batch(self, samples, old_log_probs, temperature: float,
+                           capture: TokenCapture | None = None) -> dict[str, float]:
         g = self.groups
         micro_batches = self._pack(samples)
         for mb in micro_batches:
@@ -199,7 +224,7 @@ class MegatronActor:
             model.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss_fn = make_loss_fn(loss_fn=self.loss_fn, loss_config=self.loss_config, groups=g,
-                               num_local_seqs=num_local_seqs)
+                               num_local_seqs=num_local_seqs, capture=capture)
         outputs = run_schedule(model_chunks=self.model_chunks, micro_batches=micro_batches,
                                forward_step=self._forward_step(loss_fn, temperature), forward_only=False, groups=g)
         metrics = reduce_metrics(outputs, groups=g, device=self.device)

@@ -12,11 +12,17 @@ which equals passing ``num_global_tokens`` = all response tokens and rescaling b
 without the extra pass over the gradients. The released code's per-micro-batch mean
 ("token-mean-microbatch") is scaled by the micro-batch's share of this DP rank's sequences and by 1/dp
 (verl's DP average), and reports zero tokens so that Megatron leaves it unscaled.
+
+Per-token records: a ``TokenCapture`` handed to ``make_loss_fn`` makes the loss fill a ``token_tap``
+(``algo.policy_loss.TOKEN_TAP_FIELDS``) on the micro-batches that hold one of its samples, and
+``collect_token_taps`` brings those samples' values to global rank 0. Without a capture nothing is
+tapped, stored or communicated.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -40,10 +46,23 @@ def run_schedule(*, model_chunks: list, micro_batches: list[PackedMicroBatch], f
     return fb(**kwargs) or []
 
 
-def make_loss_fn(*, loss_fn, loss_config, groups, num_local_seqs: int):
+@dataclass(kw_only=True)
+class TokenCapture:
+    """Which samples of one mini-batch to tap per token (indices into that mini-batch's samples), and the
+    ``(micro-batch, tap)`` pairs the loss filled on this rank."""
+
+    sample_indices: frozenset[int]
+    taps: list = field(default_factory=list)
+
+    def wants(self, mb: PackedMicroBatch) -> bool:
+        return any(i in self.sample_indices for i in mb.sample_indices)
+
+
+def make_loss_fn(*, loss_fn, loss_config, groups, num_local_seqs: int, capture: TokenCapture | None = None):
     """Megatron ``loss_func`` body: ``(mb, logp_T, entropy_T) -> (loss, num_tokens, reduced)``.
 
     ``num_local_seqs``: sequences of this DP rank's mini-batch share (for "token-mean-microbatch").
+    ``capture``: tap the per-token values of its samples (the loss must accept ``token_tap``).
     """
     from fipo_megatron.parallel.cp_future_kl import CPShard
 
@@ -53,9 +72,14 @@ def make_loss_fn(*, loss_fn, loss_config, groups, num_local_seqs: int):
             cp = CPShard(cp_group=groups.cp_group, cp_size=groups.cp_size, cp_rank=groups.cp_rank,
                          cu_seqlens=mb.cu_seqlens_padded.long())
         per_token = loss_config.loss_agg_mode == "token-mean"
+        tap = {}
+        extra = {"token_tap": tap} if capture is not None and capture.wants(mb) else {}
         loss, metrics = loss_fn(log_prob=logp_T, old_log_prob=mb.old_log_probs_T, advantages=mb.advantages_T,
                                 response_mask=mb.response_mask_T, config=loss_config,
-                                cu_seqlens=mb.local_cu_seqlens, num_global_tokens=1.0 if per_token else None, cp=cp)
+                                cu_seqlens=mb.local_cu_seqlens, num_global_tokens=1.0 if per_token else None, cp=cp,
+                                **extra)
+        if extra:
+            capture.taps.append((mb, tap))
         if per_token:
             num_tokens = torch.tensor(int(metrics["num_kept_tokens"]), dtype=torch.int, device=loss.device)
             loss_sum = loss.detach().float()
@@ -71,6 +95,41 @@ def make_loss_fn(*, loss_fn, loss_config, groups, num_local_seqs: int):
         return loss, num_tokens, reduced
 
     return compute
+
+
+def collect_token_taps(capture: TokenCapture, *, groups) -> dict[int, dict[str, torch.Tensor]] | None:
+    """The tapped per-token values of ``capture``'s samples: ``{sample index: {field: [response_len]}}``
+    (float32, CPU; boolean fields as 0/1) on global rank 0, None elsewhere. Collective over the job.
+
+    The last pipeline stage holds the taps; each CP group all-gathers its zig-zag shards and its rank 0 of
+    TP and CP sends the samples it owns (TP ranks computed identical values).
+    """
+    from fipo_megatron.algo.policy_loss import TOKEN_TAP_FIELDS
+
+    mine: dict[int, dict[str, torch.Tensor]] = {}
+    if groups.is_last_stage:
+        for mb, tap in capture.taps:
+            missing = [f for f in TOKEN_TAP_FIELDS if f not in tap]
+            if missing:
+                raise ValueError(f"the policy loss filled token_tap without {missing}")
+            local_FT = torch.stack([tap[f].detach().float() for f in TOKEN_TAP_FIELDS])
+            shards = [local_FT]
+            if groups.cp_size > 1:
+                shards = [torch.empty_like(local_FT) for _ in range(groups.cp_size)]
+                dist.all_gather(shards, local_FT.contiguous(), group=groups.cp_group)
+            per_field = [mb.gather_responses([s[k] for s in shards]) for k in range(len(TOKEN_TAP_FIELDS))]
+            for j, i in enumerate(mb.sample_indices):
+                if i in capture.sample_indices:
+                    mine[i] = {f: per_field[k][j] for k, f in enumerate(TOKEN_TAP_FIELDS)}
+        if groups.tp_rank != 0 or groups.cp_rank != 0:
+            mine = {}
+    if dist.get_world_size() == 1:
+        return mine
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    return {i: values for part in gathered for i, values in part.items()}
 
 
 def logprob_loss_fn(mb: PackedMicroBatch, logp_T: torch.Tensor, entropy_T: torch.Tensor):

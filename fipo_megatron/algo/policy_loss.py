@@ -5,6 +5,8 @@ Every loss has the signature
     fn(*, log_prob, old_log_prob, advantages, response_mask, config, cu_seqlens=None,
        num_global_tokens=None, cp=None) -> (loss, metrics)
 
+and the built-in losses also take ``token_tap`` (a dict, default None; see ``TOKEN_TAP_FIELDS``).
+
 - tensors all of one shape: (B, T) right-padded rows (one response per row), or 1-D packed with
   ``cu_seqlens`` (S+1 int offsets; prompt/padding tokens carry ``response_mask = 0``);
   ``response_mask`` is read as a boolean (non-zero = response token);
@@ -32,6 +34,11 @@ Aggregation (``loss_agg_mode``):
   mini-batch``, verl's ``loss_scale_factor``) before backward.
 The "seq-mean-*" modes are not offered: no FIPO/DAPO recipe uses them.
 
+- ``token_tap``: when a dict is passed, it receives detached per-token tensors of the input's shape
+  (``TOKEN_TAP_FIELDS``) for per-token records; the loss and the metrics are computed exactly as without
+  it. Under "dapo" / "grpo" ``future_kl`` is what FIPO's would be (the loss does not read it) and
+  ``influence_weight`` is 1. The actor passes it only when records are asked for (``actor/step.py``).
+
 Gradient: only through ``ratio``; FutureKL and the influence weights are detached.
 """
 
@@ -51,6 +58,9 @@ from fipo_megatron.algo.registry import Registry
 #: the log-ratio is clamped to this range before exp (spec §1).
 LOG_RATIO_CLAMP = 20.0
 LOSS_AGG_MODES = ("token-mean", "token-mean-microbatch")
+#: what ``token_tap`` receives: float tensors, then boolean ones (all detached, the input's shape).
+TOKEN_TAP_FIELDS = ("delta_logp", "future_kl", "influence_weight", "advantage", "loss",
+                    "response_mask", "future_kl_masked", "ppo_clipped", "dual_clipped", "kept")
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 _POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss")
@@ -156,8 +166,8 @@ def _check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
 def clipped_policy_loss(*, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                         response_mask: torch.Tensor, config: PolicyLossConfig, cu_seqlens: torch.Tensor | None = None,
                         num_global_tokens: int | float | torch.Tensor | None = None, cp=None,
-                        use_future_kl: bool, invalidate_seqs: bool, clip_ratio_high: float
-                        ) -> tuple[torch.Tensor, dict[str, float]]:
+                        use_future_kl: bool, invalidate_seqs: bool, clip_ratio_high: float,
+                        token_tap: dict | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The shared body of the built-in losses: dual-clip PPO on ``A * f`` (spec §5).
 
     ``use_future_kl``: f from FutureKL (FIPO) or f = 1; ``invalidate_seqs``: drop responses with more
@@ -241,22 +251,32 @@ def clipped_policy_loss(*, log_prob: torch.Tensor, old_log_prob: torch.Tensor, a
         metrics.update(ratio_metrics(ratio=ratio_d, advantages=advantages, mask=mask, clip_ratio_c=c))
         metrics.update({"num_tokens": mask.sum(), "num_kept_tokens": num_kept, "num_seqs": float(num_seqs),
                         "num_dropped_seqs": dropped.sum()})
+        if token_tap is not None:
+            if not use_future_kl:  # for the records only: what FIPO would weight these tokens by
+                x = torch.where(mask & (ratio_d <= c), log_ratio.detach(), 0)
+                fkl = future_kl_cp(x, gamma=config.gamma, shard=cp) if cp is not None else \
+                    future_kl(x, config.gamma, cu_seqlens)
+                weights = torch.ones_like(ratio_d)
+            token_tap.update(delta_logp=log_ratio.detach(), future_kl=fkl.to(ratio_d.dtype), influence_weight=weights,
+                             advantage=advantages, loss=loss_tok.detach(), response_mask=mask,
+                             future_kl_masked=mask & (ratio_d > c), ppo_clipped=mask & (loss2.detach() > loss1.detach()),
+                             dual_clipped=dual_clipped, kept=keep)
     return loss, to_floats(metrics)
 
 
 @register_policy_loss("fipo")
 def fipo_policy_loss(*, log_prob, old_log_prob, advantages, response_mask, config, cu_seqlens=None,
-                     num_global_tokens=None, cp=None):
+                     num_global_tokens=None, cp=None, token_tap=None):
     """FIPO (spec §1-5): dual-clip PPO on ``A * f``, f from the clamped exp(FutureKL), with invalidation."""
     return clipped_policy_loss(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages,
                                response_mask=response_mask, config=config, cu_seqlens=cu_seqlens,
-                               num_global_tokens=num_global_tokens, cp=cp, use_future_kl=True,
+                               num_global_tokens=num_global_tokens, cp=cp, token_tap=token_tap, use_future_kl=True,
                                invalidate_seqs=True, clip_ratio_high=config.clip_ratio_high)
 
 
 @register_policy_loss("dapo")
 def dapo_policy_loss(*, log_prob, old_log_prob, advantages, response_mask, config, cu_seqlens=None,
-                     num_global_tokens=None, cp=None):
+                     num_global_tokens=None, cp=None, token_tap=None):
     """DAPO: FIPO with f = 1 (clip-higher, dual clip, the same sequence invalidation), no FutureKL.
 
     Keeping the invalidation makes "fipo" and "dapo" differ only by FutureKL: equal on the first
@@ -264,17 +284,17 @@ def dapo_policy_loss(*, log_prob, old_log_prob, advantages, response_mask, confi
     """
     return clipped_policy_loss(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages,
                                response_mask=response_mask, config=config, cu_seqlens=cu_seqlens,
-                               num_global_tokens=num_global_tokens, cp=cp, use_future_kl=False,
+                               num_global_tokens=num_global_tokens, cp=cp, token_tap=token_tap, use_future_kl=False,
                                invalidate_seqs=True, clip_ratio_high=config.clip_ratio_high)
 
 
 @register_policy_loss("grpo")
 def grpo_policy_loss(*, log_prob, old_log_prob, advantages, response_mask, config, cu_seqlens=None,
-                     num_global_tokens=None, cp=None):
+                     num_global_tokens=None, cp=None, token_tap=None):
     """GRPO as verl runs it ("vanilla" PPO loss): symmetric clip ``1 +- clip_ratio_low`` plus the dual clip
     at ``clip_ratio_c`` for negative advantages; no FutureKL, no sequence invalidation, no KL term.
     """
     return clipped_policy_loss(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages,
                                response_mask=response_mask, config=config, cu_seqlens=cu_seqlens,
-                               num_global_tokens=num_global_tokens, cp=cp, use_future_kl=False,
+                               num_global_tokens=num_global_tokens, cp=cp, token_tap=token_tap, use_future_kl=False,
                                invalidate_seqs=False, clip_ratio_high=config.clip_ratio_low)
