@@ -180,3 +180,46 @@ class TokenRecordWriter:
                 f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+class TokenRecorder:
+    """The trainer's side of the records: which samples to tap at a step (every rank, the same), and
+    writing their records (rank 0). Off (``interval`` 0): ``select`` returns nothing, no file is touched."""
+
+    def __init__(self, *, interval: int, num_samples: int, run_dir: str, tokenizer, loss_mode: str,
+                 mini_batch_prompts: int, seed: int, writes: bool):
+        self.interval, self.num_samples, self.run_dir = interval, num_samples, run_dir
+        self.tokenizer, self.loss_mode, self.mini_batch_prompts, self.seed = tokenizer, loss_mode, mini_batch_prompts, seed
+        self.writes = writes and interval > 0
+        self._writer: TokenRecordWriter | None = None
+
+    @classmethod
+    def from_config(cls, cfg, *, run_dir: str, tokenizer, rank: int) -> "TokenRecorder":
+        """From ``cfg.logging.token_records_*``; only global rank 0 writes."""
+        return cls(interval=cfg.logging.token_records_interval, num_samples=cfg.logging.token_records_samples,
+                   run_dir=run_dir, tokenizer=tokenizer, loss_mode=cfg.policy_loss.loss_mode,
+                   mini_batch_prompts=cfg.actor.ppo_mini_batch_size, seed=cfg.trainer.seed, writes=rank == 0)
+
+    def start(self, *, resume_step: int | None) -> None:
+        """Open the file: a fresh run starts it empty, a resumed one drops the records after ``resume_step``."""
+        if self.writes:
+            self._writer = TokenRecordWriter(self.run_dir, resume_step=resume_step)
+
+    def select(self, step: int, batch) -> list[int]:
+        """Samples of ``batch`` to tap at ``step`` (``MegatronActor.update(record_samples=...)``); [] when off."""
+        if not self.interval or step % self.interval or batch is None:
+            return []
+        return select_record_samples(batch, mini_batch_samples=self.mini_batch_prompts * batch.num_responses_per_prompt,
+                                     num_samples=self.num_samples, seed=self.seed * 1_000_003 + step)
+
+    def write(self, step: int, batch, taps: dict | None) -> int:
+        """Append the records of ``taps`` (``MegatronActor.last_token_taps``); the number written."""
+        if not self.writes or not taps:
+            return 0
+        if self._writer is None:
+            self.start(resume_step=None)
+        per_mini = self.mini_batch_prompts * batch.num_responses_per_prompt
+        records = build_records(step=step, batch=batch, taps=taps, tokenizer=self.tokenizer, loss_mode=self.loss_mode,
+                                num_mini_batches=math.ceil(len(batch.samples) / per_mini), mini_batch_samples=per_mini)
+        self._writer.write(records)
+        return len(records)

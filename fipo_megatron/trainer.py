@@ -15,7 +15,8 @@ One step, as the spec reads (``Trainer.train_step``), with the module that owns 
     5. update      ``actor.update``: old log-probs recomputed by the actor, then one FIPO optimizer step per
                    mini-batch (the FutureKL signal exists from the 2nd mini-batch on, spec §1; ``actor/``);
     6. sync        Megatron shards -> HF tensors in buckets -> the engine's transport (``weights/``);
-    7. log / save  metrics.jsonl (+ TensorBoard/wandb) and, every ``checkpoint.save_interval`` steps, an
+    7. log / save  metrics.jsonl (+ TensorBoard/wandb), per-token records every ``logging.token_records_interval``
+                   steps (``token_records.py``) and, every ``checkpoint.save_interval`` steps, an
                    atomic run checkpoint (model, optimizer, LR, RNG, data position, step).
 
 Every part is built by ``build.py``. The rollout lives on global rank 0 (the embedded engine, or a client
@@ -44,6 +45,7 @@ from fipo_megatron.log import get_logger
 from fipo_megatron.metrics import MetricsLogger, PhaseTimer
 from fipo_megatron.rollout.mismatch import rollout_mismatch_metrics
 from fipo_megatron.rollout.node_engines import RolloutPlacement
+from fipo_megatron.token_records import TokenRecorder
 from fipo_megatron.weights.fp8 import require_fp8_rollout
 from fipo_megatron.weights.transport import WeightSyncError, sync_weights
 
@@ -82,6 +84,8 @@ class Trainer:
         self.skips = SkipGuard(max_consecutive=cfg.trainer.max_consecutive_skipped_steps)
         self.step = 0
         self._last_save_s: float | None = None
+        self.token_records = TokenRecorder.from_config(cfg, run_dir=self.run_dir, tokenizer=self.parts.tokenizer,
+                                                       rank=self.rank)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> None:
@@ -91,6 +95,7 @@ class Trainer:
                                      wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
                                      wandb_run_name=cfg.logging.wandb_run_name, config=config_to_dict(cfg),
                                      resume_step=self.step if resumed else None)
+        self.token_records.start(resume_step=self.step if resumed else None)
         if resumed:
             self.sync_weights()  # the engine still holds the initial weights
         bar = self._progress_bar()
@@ -148,8 +153,10 @@ class Trainer:
             if self.parts.engine is not None:
                 self.parts.engine.release_memory()  # a colocated engine gives its GPU memory to training
             # 5. old log-probs, then one FIPO optimizer step per mini-batch (FutureKL from the 2nd on)
+            record = self.token_records.select(self.step, batch)  # per-token records: [] on most steps
             with timer("actor"):
-                metrics.update(self.actor.update(batch))
+                metrics.update(self.actor.update(batch, record_samples=record))
+            self.token_records.write(self.step, batch, self.actor.last_token_taps)
             for phase in ("old_log_prob", "update"):  # the actor times its two phases itself
                 if f"actor/timing/{phase}_s" in metrics:
                     metrics[f"timing/{phase}"] = metrics.pop(f"actor/timing/{phase}_s")
