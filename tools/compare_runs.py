@@ -24,6 +24,8 @@ import math
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's package
+
 import numpy as np
 
 # (metric key in metrics.jsonl or a derived name, row label in the table)
