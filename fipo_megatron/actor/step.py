@@ -72,13 +72,12 @@ def make_loss_fn(*, loss_fn, loss_config, groups, num_local_seqs: int, capture: 
             cp = CPShard(cp_group=groups.cp_group, cp_size=groups.cp_size, cp_rank=groups.cp_rank,
                          cu_seqlens=mb.cu_seqlens_padded.long())
         per_token = loss_config.loss_agg_mode == "token-mean"
-        tap = {}
-        extra = {"token_tap": tap} if capture is not None and capture.wants(mb) else {}
+        tap = {} if capture is not None and capture.wants(mb) else None
         loss, metrics = loss_fn(log_prob=logp_T, old_log_prob=mb.old_log_probs_T, advantages=mb.advantages_T,
                                 response_mask=mb.response_mask_T, config=loss_config,
                                 cu_seqlens=mb.local_cu_seqlens, num_global_tokens=1.0 if per_token else None, cp=cp,
-                                **extra)
-        if extra:
+                                **({} if tap is None else {"token_tap": tap}))
+        if tap is not None:
             capture.taps.append((mb, tap))
         if per_token:
             num_tokens = torch.tensor(int(metrics["num_kept_tokens"]), dtype=torch.int, device=loss.device)
