@@ -2,8 +2,8 @@
 # FIPO against DAPO on the arithmetic task (fipo_megatron/data/arith_task.py), 3 seeds each, one CPU process
 # per run, the runs one after another; then the comparison table/plot and the per-token page.
 #
-#   bash examples/run_arith_compare.sh                 # OUT defaults to runs/arith
-#   SEEDS="1 2" OUT=runs/arith2 bash examples/run_arith_compare.sh trainer.total_training_steps=30
+#   bash examples/run_arith_compare.sh                 # parity of 8 bits; OUT defaults to runs/arith_mod2
+#   SEEDS="1 2" MODULUS=10 bash examples/run_arith_compare.sh trainer.total_training_steps=30
 #
 # Extra arguments are config overrides for every run (same budget for both losses). The warm-started model
 # and the data are prepared once under OUT/base (reused when present). Each run is started with `nice`
@@ -12,13 +12,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
-OUT=${OUT:-runs/arith}
+MODULUS=${MODULUS:-2}
+OUT=${OUT:-runs/arith_mod$MODULUS}
 SEEDS=${SEEDS:-1 2 3}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
 mkdir -p "$OUT"
 if [ ! -f "$OUT/base/model/config.json" ]; then
-  nice "$PY" -m fipo_megatron.data.arith_task --out "$OUT/base" --num-operands 8
+  nice "$PY" -m fipo_megatron.data.arith_task --out "$OUT/base" --num-operands 8 --modulus "$MODULUS" --sft-steps 400
+fi
+if [ ! -f "$OUT/base/sampled_acc.log" ]; then  # what writing more lines buys the warm-started model
+  nice "$PY" -m fipo_megatron.data.arith_task --out "$OUT/base" --num-operands 8 --modulus "$MODULUS" --measure \
+    > "$OUT/base/sampled_acc.log" 2>&1
 fi
 for seed in $SEEDS; do
   for loss in fipo dapo; do

@@ -18,11 +18,11 @@ from fipo_megatron.data.dataset import load_prompt_dataset
 from fipo_megatron.data.tokenizer import load_tokenizer
 
 
-def _eval_sum(expr: str) -> int:
-    """The last digit of ``"3+5+2="`` by Python's arithmetic (digits only: safe to evaluate by hand)."""
+def _eval_sum(expr: str, modulus: int = 10) -> int:
+    """``"3+5+2="`` modulo ``modulus`` by Python's arithmetic (digits only: safe to evaluate by hand)."""
     body = expr.rstrip("=").lstrip(".")
     assert set(body) <= set("0123456789+"), body
-    return sum(int(x) for x in body.split("+")) % 10
+    return sum(int(x) for x in body.split("+")) % modulus
 
 
 def test_rows_are_in_the_dapo_layout_with_python_checked_answers():
@@ -36,37 +36,42 @@ def test_rows_are_in_the_dapo_layout_with_python_checked_answers():
         assert row["reward_model"]["ground_truth"] == str(_eval_sum(msg["content"]))
     with pytest.raises(ValueError, match="num_operands"):
         make_arith_rows(num_rows=1, num_operands=1, seed=0)
+    bits = make_arith_rows(num_rows=50, num_operands=9, seed=3, modulus=2)
+    assert all(set(r["prompt"][0]["content"][:-1]) <= {"0", "1", "+"} for r in bits)
+    assert all(r["reward_model"]["ground_truth"] == str(_eval_sum(r["prompt"][0]["content"], 2)) for r in bits)
+    assert {r["reward_model"]["ground_truth"] for r in bits} == {"0", "1"}
 
 
-def test_every_step_line_keeps_the_sum_and_the_width():
+@pytest.mark.parametrize("modulus", [2, 10])
+def test_every_step_line_keeps_the_sum_and_the_width(modulus):
     rng = random.Random(0)
     for k in (2, 3, 8, 12):
-        ops = [rng.randrange(10) for _ in range(k)]
-        want = _eval_sum(prompt_text(ops))
-        lines = step_lines(ops)
+        ops = [rng.randrange(modulus) for _ in range(k)]
+        want = _eval_sum(prompt_text(ops), modulus)
+        lines = step_lines(ops, modulus=modulus)
         assert len(lines) == k - 1
         for i, line in enumerate(lines, start=1):
             assert len(line) == 2 * k and line.startswith("." * 2 * i) and line.endswith("=")
-            assert _eval_sum(line) == want  # rewriting the two leading numbers by their sum's last digit keeps it
+            assert _eval_sum(line, modulus) == want  # rewriting the two leading numbers by their sum's last digit keeps it
         assert lines[-1] == "." * (2 * k - 2) + f"{want}="
 
 
-@pytest.mark.parametrize("k", [2, 5, 8])
-def test_solutions_graded_by_the_dapo_rule(k):
+@pytest.mark.parametrize("k,modulus", [(2, 10), (5, 10), (8, 10), (8, 2)])
+def test_solutions_graded_by_the_dapo_rule(k, modulus):
     reward = get_reward_fn("dapo_math")
     rng = random.Random(k)
     for _ in range(20):
-        ops = [rng.randrange(10) for _ in range(k)]
-        answer = _eval_sum(prompt_text(ops))
+        ops = [rng.randrange(modulus) for _ in range(k)]
+        answer = _eval_sum(prompt_text(ops), modulus)
         for j in range(k):
-            text = solution_text(ops, num_steps=j)
+            text = solution_text(ops, num_steps=j, modulus=modulus)
             assert count_steps(text) == j
             out = reward(response_text=text, ground_truth=str(answer))
             assert out["score"] == 1.0 and out["acc"] and out["pred"] == str(answer)
-            wrong = text[:-1] + str((answer + 1) % 10)
+            wrong = text[:-1] + str((answer + 1) % modulus)
             assert reward(response_text=wrong, ground_truth=str(answer))["score"] == -1.0
         # No answer line, or an answer line cut short: wrong.
-        assert reward(response_text="".join(step_lines(ops)), ground_truth=str(answer))["score"] == -1.0
+        assert reward(response_text="".join(step_lines(ops, modulus=modulus)), ground_truth=str(answer))["score"] == -1.0
         assert reward(response_text=ANSWER_PREFIX, ground_truth=str(answer))["score"] == -1.0
     with pytest.raises(ValueError, match="num_steps"):
         solution_text([1, 2], num_steps=2)

@@ -1,4 +1,4 @@
-"""A multi-step arithmetic task where writing intermediate results is what makes the answer reachable.
+"""A multi-step arithmetic task designed so that writing intermediate results makes the answer reachable.
 
 The problem is the last digit of a sum of ``k`` single digits: the prompt ``"3+5+2+7="`` has the answer
 ``7`` (3+5+2+7 = 17). A response may rewrite the sum once per step, each time replacing the first two
@@ -10,11 +10,16 @@ numbers by the last digit of their sum, then give the answer line::
 
 Every rewritten line is as wide as the problem (``2k`` characters: the consumed numbers become ``.``), so
 each character of a line is the character one line above it, or, where the two leading numbers meet, the
-last digit of their sum: rules over a fixed distance (``2k`` tokens back) that a tiny transformer learns in
-a few hundred supervised batches. Jumping to "Answer:" after ``j < k - 1`` lines asks for several
-additions in one token, which it cannot do, so it guesses (about 1 in 10). Accuracy therefore rises with
-the number of lines written, and a policy that learns to write more of them gets longer responses:
-response length is the lever (a full solution is ``(k - 1) * 2k + 9`` characters: 121 for k = 8).
+last digit of their sum: rules over a fixed distance (``2k`` tokens back). Jumping to "Answer:" after
+``j < k - 1`` lines asks for several additions in one token. The design intent: a policy that computes
+the lines gains accuracy by writing more of them, so response length is the lever (a full solution is
+``(k - 1) * 2k + 9`` characters: 121 for k = 8).
+
+Whether writing lines actually helps depends on the policy computing them: ``--measure`` samples the
+model and prints its accuracy per number of written lines. The default warm start (500 batches on CPU)
+learns the format and the copy rule but not the addition (its loss stays at the level of guessing the
+seven sum digits), so its sampled accuracy is about 0.1 however many lines it writes
+(docs/fipo_vs_dapo.md): on that model, length does not pay.
 
 The rows are in the DAPO-Math-17k layout (``prompt`` messages, ``reward_model.ground_truth``,
 ``data_source``, ``ability``, ``extra_info``), the responses are scored by the real DAPO math rule
@@ -23,7 +28,7 @@ character tokenizer is saved next to the model, so a run goes through the same d
 reward path as a real one (``reward.reward_fn: dapo_math``, no synthetic shortcut).
 
 A random model never writes "Answer:" by chance, so the policy starts from a short supervised warm start:
-first on solutions that write every line (where the step rule is learned), then on solutions that write a
+first on solutions that write every line (meant to teach the step rule), then on solutions that write a
 uniformly random number of lines ``j in [0, k - 1]`` (always with the right answer), so the model knows
 the format, the step rule, and a spread of response lengths; RL then decides how many lines to write.
 Prepare the model and the data once (deterministic from ``--seed``)::
@@ -32,7 +37,7 @@ Prepare the model and the data once (deterministic from ``--seed``)::
 
 which writes ``OUT/model`` (HF safetensors + ``char_tokenizer.json``), ``OUT/train.jsonl``,
 ``OUT/val.jsonl`` and ``OUT/warm_start.json`` (the supervised loss and the warm-started model's greedy
-accuracy per number of written lines).
+answer accuracy after the first ``j`` correct lines: after all ``k - 1`` it is a copy of the last line).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import time
 
 from fipo_megatron.data.tokenizer import CharTokenizer
 
-ARITH_DATA_SOURCE = "arith/last_digit_sum"
+ARITH_DATA_SOURCE = "arith/sum_mod{modulus}"
 ANSWER_PREFIX = "Answer: "
 #: every character a prompt or a response of the task uses (the tokenizer's vocabulary after its specials).
 ARITH_CHARS = tuple("0123456789+=.: Answer")
@@ -58,13 +63,15 @@ def arith_tokenizer() -> CharTokenizer:
     return CharTokenizer(chars=list(dict.fromkeys(ARITH_CHARS)))
 
 
-def running_digits(operands: list[int]) -> list[int]:
-    """The last digit of each prefix sum: ``[3, 5, 2, 7] -> [3, 8, 0, 7]``."""
+def running_digits(operands: list[int], *, modulus: int = 10) -> list[int]:
+    """Each prefix sum modulo ``modulus`` (10: its last digit): ``[3, 5, 2, 7] -> [3, 8, 0, 7]``."""
+    if not 2 <= modulus <= 10:
+        raise ValueError(f"modulus must be in [2, 10], got {modulus}")
     out, total = [], 0
     for d in operands:
-        if not 0 <= d <= 9:
-            raise ValueError(f"operands must be single digits, got {d}")
-        total = (total + d) % 10
+        if not 0 <= d < modulus:
+            raise ValueError(f"operands must be digits below the modulus {modulus}, got {d}")
+        total = (total + d) % modulus
         out.append(total)
     return out
 
@@ -74,18 +81,18 @@ def prompt_text(operands: list[int]) -> str:
     return "+".join(map(str, operands)) + "="
 
 
-def step_lines(operands: list[int]) -> list[str]:
+def step_lines(operands: list[int], *, modulus: int = 10) -> list[str]:
     """The ``k - 1`` rewritten sums: line ``i`` is ``"." * 2i`` + the sum with its first ``i + 1`` numbers
     replaced by their last digit: ``[3, 5, 2, 7] -> ["..8+2+7=", "....0+7=", "......7="]``."""
-    digits = running_digits(operands)
+    digits = running_digits(operands, modulus=modulus)
     return ["." * (2 * i) + "+".join(map(str, [digits[i], *operands[i + 1:]])) + "=" for i in range(1, len(operands))]
 
 
-def solution_text(operands: list[int], *, num_steps: int) -> str:
+def solution_text(operands: list[int], *, num_steps: int, modulus: int = 10) -> str:
     """A correct response that writes the first ``num_steps`` lines (``0 .. k - 1``), then the answer line."""
     if not 0 <= num_steps <= len(operands) - 1:
         raise ValueError(f"num_steps must be in [0, {len(operands) - 1}], got {num_steps}")
-    return "".join(step_lines(operands)[:num_steps]) + f"{ANSWER_PREFIX}{sum(operands) % 10}"
+    return "".join(step_lines(operands, modulus=modulus)[:num_steps]) + f"{ANSWER_PREFIX}{sum(operands) % modulus}"
 
 
 def count_steps(response_text: str) -> int:
@@ -93,8 +100,9 @@ def count_steps(response_text: str) -> int:
     return response_text.split("A", 1)[0].count("=")
 
 
-def make_arith_rows(*, num_rows: int, num_operands: int, seed: int) -> list[dict]:
-    """``num_rows`` problems with ``num_operands`` random digits each, in the DAPO-Math-17k layout."""
+def make_arith_rows(*, num_rows: int, num_operands: int, seed: int, modulus: int = 10) -> list[dict]:
+    """``num_rows`` problems with ``num_operands`` random digits below ``modulus`` each (answer: the sum
+    modulo ``modulus``; 2 makes it the parity of a bit string), in the DAPO-Math-17k layout."""
     if num_rows < 1:
         raise ValueError(f"num_rows must be >= 1, got {num_rows}")
     if num_operands < 2:
@@ -102,11 +110,11 @@ def make_arith_rows(*, num_rows: int, num_operands: int, seed: int) -> list[dict
     rng = random.Random(seed)
     rows = []
     for index in range(num_rows):
-        operands = [rng.randrange(10) for _ in range(num_operands)]
-        rows.append({"data_source": ARITH_DATA_SOURCE,
+        operands = [rng.randrange(modulus) for _ in range(num_operands)]
+        rows.append({"data_source": ARITH_DATA_SOURCE.format(modulus=modulus),
                      "prompt": [{"role": "user", "content": prompt_text(operands)}],
                      "ability": "math",
-                     "reward_model": {"style": "rule", "ground_truth": str(sum(operands) % 10)},
+                     "reward_model": {"style": "rule", "ground_truth": str(sum(operands) % modulus)},
                      "extra_info": {"index": index, "operands": operands}})
     return rows
 
@@ -123,16 +131,17 @@ def write_jsonl(rows: list[dict], path: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- warm start
 def _sft_batch(tokenizer: CharTokenizer, rng: random.Random, *, batch_size: int, num_operands: int,
-               all_steps: bool):
+               all_steps: bool, modulus: int):
     """Token ids and a loss mask (response tokens and EOS) of ``batch_size`` solved problems, right-padded.
     ``all_steps``: every solution writes every step; otherwise a uniform number of steps in [0, k]."""
     import torch
 
     seqs, masks = [], []
     for _ in range(batch_size):
-        operands = [rng.randrange(10) for _ in range(num_operands)]
+        operands = [rng.randrange(modulus) for _ in range(num_operands)]
         prompt = tokenizer.encode(prompt_text(operands))  # <bos> + prompt, as the trainer encodes it
-        response = tokenizer.encode(solution_text(operands, num_steps=num_operands - 1 if all_steps else rng.randint(0, num_operands - 1)),
+        response = tokenizer.encode(solution_text(operands, num_steps=num_operands - 1 if all_steps else rng.randint(0, num_operands - 1),
+                                                  modulus=modulus),
                                     add_special_tokens=False) + [tokenizer.eos_token_id]
         seqs.append(prompt + response)
         masks.append([0] * len(prompt) + [1] * len(response))
@@ -146,7 +155,7 @@ def _sft_batch(tokenizer: CharTokenizer, rng: random.Random, *, batch_size: int,
 
 
 def warm_start(*, num_operands: int, num_steps: int, batch_size: int, lr: float, seed: int,
-               all_steps_fraction: float = 0.5, model_overrides: dict | None = None, log_every: int = 50, logger=None):
+               all_steps_fraction: float = 0.5, modulus: int = 10, model_overrides: dict | None = None, log_every: int = 50, logger=None):
     """Supervised warm start of a tiny random Llama: first on solutions that write every step (the first
     ``all_steps_fraction`` of the batches: that is where the step rule is learned), then on solutions
     with a uniform number of written steps (the spread of lengths RL starts from).
@@ -170,7 +179,7 @@ def warm_start(*, num_operands: int, num_steps: int, batch_size: int, lr: float,
     losses = []
     for step in range(num_steps):
         ids, mask = _sft_batch(tokenizer, rng, batch_size=batch_size, num_operands=num_operands,
-                               all_steps=step < all_steps_fraction * num_steps)
+                               all_steps=step < all_steps_fraction * num_steps, modulus=modulus)
         logits = model(input_ids=ids).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
@@ -186,7 +195,7 @@ def warm_start(*, num_operands: int, num_steps: int, batch_size: int, lr: float,
 
 
 def greedy_accuracy_by_steps(model, tokenizer: CharTokenizer, *, num_operands: int, num_problems: int,
-                             step_counts: list[int], seed: int) -> dict[int, float]:
+                             step_counts: list[int], seed: int, modulus: int = 10) -> dict[int, float]:
     """Accuracy (DAPO rule) of the model's greedy answer when the first ``j`` steps are given, per ``j``.
 
     Shows what the warm start learned: near 1 when all steps are written, about 0.1 when few are.
@@ -196,31 +205,59 @@ def greedy_accuracy_by_steps(model, tokenizer: CharTokenizer, *, num_operands: i
     from fipo_megatron.algo.rewards.dapo_math import dapo_math_reward
 
     rng = random.Random(seed)
-    problems = [[rng.randrange(10) for _ in range(num_operands)] for _ in range(num_problems)]
+    problems = [[rng.randrange(modulus) for _ in range(num_operands)] for _ in range(num_problems)]
     out = {}
     with torch.no_grad():
         for j in step_counts:
             prefixes = [tokenizer.encode(prompt_text(ops)) + tokenizer.encode(
-                solution_text(ops, num_steps=j).split(ANSWER_PREFIX)[0] + ANSWER_PREFIX, add_special_tokens=False)
+                solution_text(ops, num_steps=j, modulus=modulus).split(ANSWER_PREFIX)[0] + ANSWER_PREFIX, add_special_tokens=False)
                 for ops in problems]
             ids = torch.tensor(prefixes)  # every prefix has the same length for a given j
             pred = model(input_ids=ids).logits[:, -1].argmax(-1).tolist()
             texts = [ANSWER_PREFIX + tokenizer.decode([p]) for p in pred]
-            out[j] = sum(dapo_math_reward(response_text=t, ground_truth=str(sum(ops) % 10))["acc"]
+            out[j] = sum(dapo_math_reward(response_text=t, ground_truth=str(sum(ops) % modulus))["acc"]
                          for t, ops in zip(texts, problems)) / num_problems
     return out
 
 
+def sampled_accuracy_by_steps(model_dir: str, *, num_operands: int, num_prompts: int, n: int, temperature: float,
+                              seed: int, modulus: int = 10) -> dict[int, dict[str, float]]:
+    """Sample ``n`` responses to each of ``num_prompts`` fresh problems with the embedded engine and score
+    them with the DAPO rule; ``{lines written: {"count", "acc"}}``. What a policy at ``temperature`` gains
+    from writing more lines, errors in the sampled lines included."""
+    from fipo_megatron.algo.rewards.dapo_math import dapo_math_reward
+    from fipo_megatron.data.tokenizer import load_tokenizer
+    from fipo_megatron.rollout.base import SamplingParams
+    from fipo_megatron.rollout.embedded import EmbeddedEngine
+
+    tokenizer = load_tokenizer(model_dir)
+    engine = EmbeddedEngine(model_path=model_dir, eos_token_ids=[tokenizer.eos_token_id])
+    rows = make_arith_rows(num_rows=num_prompts, num_operands=num_operands, seed=seed, modulus=modulus)
+    prompts = [tokenizer.encode(r["prompt"][0]["content"]) for r in rows]
+    sampling = SamplingParams(temperature=temperature, n=n, seed=seed, max_new_tokens=2 * num_operands * num_operands + 16,
+                              stop_token_ids=(tokenizer.eos_token_id,))
+    stats: dict[int, list[int]] = {}
+    for out in engine.generate(prompts, sampling):
+        text = tokenizer.decode(out.token_ids)
+        truth = rows[out.prompt_index]["reward_model"]["ground_truth"]
+        hit = dapo_math_reward(response_text=text, ground_truth=truth)["acc"]
+        stats.setdefault(count_steps(text), []).append(int(hit))
+    return {j: {"count": len(v), "acc": sum(v) / len(v)} for j, v in sorted(stats.items())}
+
+
 def prepare(*, out: str, num_operands: int, num_train: int, num_val: int, sft_steps: int, sft_batch_size: int,
-            sft_lr: float, seed: int, all_steps_fraction: float = 0.6, logger=None) -> dict:
+            sft_lr: float, seed: int, all_steps_fraction: float = 0.6, modulus: int = 10, logger=None) -> dict:
     """Write ``out/{model, train.jsonl, val.jsonl, warm_start.json}``; return the warm-start summary."""
     from fipo_megatron.data.synthetic import save_synthetic_tokenizer
 
     t0 = time.perf_counter()
-    write_jsonl(make_arith_rows(num_rows=num_train, num_operands=num_operands, seed=seed), os.path.join(out, "train.jsonl"))
-    write_jsonl(make_arith_rows(num_rows=num_val, num_operands=num_operands, seed=seed + 1), os.path.join(out, "val.jsonl"))
+    write_jsonl(make_arith_rows(num_rows=num_train, num_operands=num_operands, seed=seed, modulus=modulus),
+                os.path.join(out, "train.jsonl"))
+    write_jsonl(make_arith_rows(num_rows=num_val, num_operands=num_operands, seed=seed + 1, modulus=modulus),
+                os.path.join(out, "val.jsonl"))
     model, tokenizer, losses = warm_start(num_operands=num_operands, num_steps=sft_steps, batch_size=sft_batch_size,
-                                          lr=sft_lr, seed=seed, all_steps_fraction=all_steps_fraction, logger=logger)
+                                          lr=sft_lr, seed=seed, all_steps_fraction=all_steps_fraction, modulus=modulus,
+                                          logger=logger)
     model_dir = os.path.join(out, "model")
     tmp = f"{model_dir}.tmp"
     model.save_pretrained(tmp)
@@ -232,8 +269,8 @@ def prepare(*, out: str, num_operands: int, num_train: int, num_val: int, sft_st
     os.replace(tmp, model_dir)
     steps = sorted({0, 1, num_operands // 2, num_operands - 2, num_operands - 1})
     acc = greedy_accuracy_by_steps(model, tokenizer, num_operands=num_operands, num_problems=256, step_counts=steps,
-                                   seed=seed + 2)
-    summary = {"num_operands": num_operands, "sft_steps": sft_steps, "sft_batch_size": sft_batch_size,
+                                   seed=seed + 2, modulus=modulus)
+    summary = {"num_operands": num_operands, "modulus": modulus, "sft_steps": sft_steps, "sft_batch_size": sft_batch_size,
                "sft_lr": sft_lr, "all_steps_fraction": all_steps_fraction, "seed": seed, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
                "greedy_acc_by_written_steps": {str(k): v for k, v in acc.items()},
                "wall_s": time.perf_counter() - t0}
@@ -246,7 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m fipo_megatron.data.arith_task --out DIR [--num-operands 8 ...]``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output directory (model/, train.jsonl, val.jsonl)")
+    parser.add_argument("--measure", action="store_true",
+                        help="only sample OUT/model and print accuracy per number of written lines")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --measure")
     parser.add_argument("--num-operands", type=int, default=8, help="digits per problem (k)")
+    parser.add_argument("--modulus", type=int, default=10, help="answer = sum modulo this (2: parity of bits)")
     parser.add_argument("--num-train", type=int, default=4096)
     parser.add_argument("--num-val", type=int, default=128)
     parser.add_argument("--sft-steps", type=int, default=500, help="warm-start batches")
@@ -259,9 +300,16 @@ def main(argv: list[str] | None = None) -> int:
     from fipo_megatron.log import get_logger
 
     logger = get_logger("fipo_megatron.arith_task")
+    if args.measure:
+        acc = sampled_accuracy_by_steps(os.path.join(args.out, "model"), num_operands=args.num_operands, num_prompts=64,
+                                        n=8, temperature=args.temperature, seed=args.seed + 3,
+                                        modulus=args.modulus)
+        logger.info("sampled at temperature %g, accuracy per number of written lines: %s", args.temperature,
+                    json.dumps(acc))
+        return 0
     summary = prepare(out=args.out, num_operands=args.num_operands, num_train=args.num_train, num_val=args.num_val,
                       sft_steps=args.sft_steps, sft_batch_size=args.sft_batch_size, sft_lr=args.sft_lr, seed=args.seed,
-                      all_steps_fraction=args.all_steps_fraction, logger=logger)
+                      all_steps_fraction=args.all_steps_fraction, modulus=args.modulus, logger=logger)
     logger.info("warm start: %s", json.dumps(summary))
     return 0
 
