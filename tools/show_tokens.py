@@ -3,6 +3,7 @@
 
     python tools/show_tokens.py RUN_DIR                        # the last recorded step -> RUN_DIR/tokens_step<N>.html
     python tools/show_tokens.py RUN_DIR --step 20 --color future_kl --out page.html
+    python tools/show_tokens.py RUN_DIR --summary              # a markdown table over every recorded step
 
 Reads ``RUN_DIR/token_records.jsonl`` (written with ``logging.token_records_interval > 0``; the format is
 in ``fipo_megatron/token_records.py``). The page has no external resources: the records of the step are
@@ -140,6 +141,29 @@ def render_page(records: list[dict], *, color: str, title: str, meta: str) -> st
     return _PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)
 
 
+def summary_table(records: list[dict], *, top: int = 12) -> str:
+    """Per token text, over ``records``: count, mean |Δlog p|, mean FutureKL, mean influence weight, share of
+    tokens with f > 1 and PPO-clipped share; the ``top`` texts by mean |Δlog p| (markdown)."""
+    stats: dict[str, list] = {}
+    for r in records:
+        for i, t in enumerate(r["tokens"]):
+            if r["delta_logp"][i] is None or r["future_kl"][i] is None:
+                continue
+            s = stats.setdefault(t, [0, 0.0, 0.0, 0.0, 0, 0])
+            s[0] += 1
+            s[1] += abs(r["delta_logp"][i])
+            s[2] += r["future_kl"][i]
+            s[3] += r["influence_weight"][i] or 0.0
+            s[4] += int((r["influence_weight"][i] or 0.0) > 1.0)
+            s[5] += r["ppo_clipped"][i]
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][1] / kv[1][0])[:top]
+    lines = ["| token | count | mean abs Δlog p | mean FutureKL | mean f | share f > 1 | PPO-clipped |",
+             "|---|---|---|---|---|---|---|"]
+    for t, (n, d, f, w, up, clip) in rows:
+        lines.append(f"| `{t}` | {n} | {d / n:.4f} | {f / n:.4f} | {w / n:.4f} | {up / n:.3f} | {clip / n:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="run directory with token_records.jsonl (or the file itself)")
@@ -147,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--color", default="delta_logp", choices=sorted(QUANTITIES), help="initial colour quantity")
     parser.add_argument("--out", default=None, help="HTML file (default: RUN_DIR/tokens_step<N>.html)")
     parser.add_argument("--max-records", type=int, default=16, help="records of the step to show at most")
+    parser.add_argument("--summary", action="store_true",
+                        help="print per-token-text statistics over every recorded step (or --step) instead")
     args = parser.parse_args(argv)
     from fipo_megatron.token_records import read_token_records
 
@@ -157,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = sorted({r["step"] for r in records})
     if not steps:
         parser.error(f"{args.run_dir}: the token records file is empty")
+    if args.summary:
+        sys.stdout.write(summary_table([r for r in records if args.step is None or r["step"] == args.step]))
+        return 0
     step = steps[-1] if args.step is None else args.step
     if step not in steps:
         parser.error(f"step {step} has no records; recorded steps: {steps}")

@@ -16,10 +16,12 @@ the lines gains accuracy by writing more of them, so response length is the leve
 ``(k - 1) * 2k + 9`` characters: 121 for k = 8).
 
 Whether writing lines actually helps depends on the policy computing them: ``--measure`` samples the
-model and prints its accuracy per number of written lines. The default warm start (500 batches on CPU)
-learns the format and the copy rule but not the addition (its loss stays at the level of guessing the
-seven sum digits), so its sampled accuracy is about 0.1 however many lines it writes
-(docs/fipo_vs_dapo.md): on that model, length does not pay.
+model and prints its accuracy per number of written lines. With ``--modulus 2`` (the parity of a bit
+string: each line is one XOR) the warm start learns the lines within ~200 batches, and sampled at
+temperature 1 it is right about 80% of the time after all 7 lines against 17-44% after 0-5 (chance is
+50%): length pays. With ``--modulus 10`` (500 batches) it learns the format and the copy rule but not the
+addition (its loss stays at the level of guessing the seven sum digits), so its sampled accuracy is about
+0.1 however many lines it writes: on that model, length does not pay (docs/fipo_vs_dapo.md).
 
 The rows are in the DAPO-Math-17k layout (``prompt`` messages, ``reward_model.ground_truth``,
 ``data_source``, ``ability``, ``extra_info``), the responses are scored by the real DAPO math rule
@@ -33,7 +35,7 @@ uniformly random number of lines ``j in [0, k - 1]`` (always with the right answ
 the format, the step rule, and a spread of response lengths; RL then decides how many lines to write.
 Prepare the model and the data once (deterministic from ``--seed``)::
 
-    python -m fipo_megatron.data.arith_task --out runs/arith/base --num-operands 8
+    python -m fipo_megatron.data.arith_task --out runs/arith_mod2/base --num-operands 8 --modulus 2 --sft-steps 400
 
 which writes ``OUT/model`` (HF safetensors + ``char_tokenizer.json``), ``OUT/train.jsonl``,
 ``OUT/val.jsonl`` and ``OUT/warm_start.json`` (the supervised loss and the warm-started model's greedy
