@@ -97,6 +97,18 @@ def test_show_tokens_renders_the_run(runs, tmp_path):
     assert proc.stdout.strip() == str(page)
     text = page.read_text()
     assert '"color": "future_kl"' in text and "step 2" in text
+    summary = subprocess.run([sys.executable, os.path.join(REPO, "tools", "show_tokens.py"), str(runs / "fipo"),
+                              "--summary"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    from fipo_megatron.token_records import read_token_records
+
+    recs = read_token_records(str(runs / "fipo"))
+    rows = [line.split("|") for line in summary.stdout.splitlines()[2:]]
+    assert rows
+    for row in rows:  # counts and mean |Δlog p| per token text, recomputed here from the records
+        text = row[1].strip().strip("`")
+        vals = [abs(r["delta_logp"][i]) for r in recs for i, t in enumerate(r["tokens"]) if t == text]
+        assert int(row[2]) == len(vals) and float(row[3]) == pytest.approx(sum(vals) / len(vals), abs=1e-4)
     missing = subprocess.run([sys.executable, os.path.join(REPO, "tools", "show_tokens.py"), str(runs / "fipo"),
                               "--step", "5"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert missing.returncode != 0 and "recorded steps: [1, 2]" in missing.stderr
