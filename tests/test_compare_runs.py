@@ -64,7 +64,7 @@ def test_runs_write_valid_token_records(runs):
 def test_compare_runs_table_and_plot(runs, tmp_path):
     out = tmp_path / "cmp"
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "compare_runs.py"), str(runs / "fipo"),
-                           str(runs / "dapo"), "--out", str(out), "--last", "1"], capture_output=True, text=True,
+                           str(runs / "dapo"), "--out", str(out), "--last", "1", "--steps", "1,2"], capture_output=True, text=True,
                           timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "compare.png").stat().st_size > 10_000
@@ -82,6 +82,9 @@ def test_compare_runs_table_and_plot(runs, tmp_path):
         assert summary[label]["metrics"]["val/acc"]["end"]["mean"] == pytest.approx(rows[label][-1]["val/acc"])
     line = next(x for x in table.splitlines() if x.startswith("| response length mean |"))
     assert line.count("|") == 6
+    at_steps = next(x for x in table.splitlines() if x.startswith("| response length mean | fipo |"))
+    want = [r["response_length/mean"] for r in rows["fipo"] if r["step"] in (1, 2)]
+    assert [float(c) for c in at_steps.split("|")[3:5]] == pytest.approx(want, rel=1e-2)
     # A run without metrics is named in the error.
     bad = subprocess.run([sys.executable, os.path.join(REPO, "tools", "compare_runs.py"), str(tmp_path), "--out",
                           str(out)], capture_output=True, text=True, timeout=120, cwd=REPO)

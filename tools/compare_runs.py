@@ -13,6 +13,9 @@ its last ``--last`` steps (validation metrics: the first and the last validation
 ``ln`` of the logged raw influence-weight extremes (``raw_influence_weights_min|max`` are
 ``exp(FutureKL)`` over the mini-batch's response tokens; ``exp`` is monotone, so this is exact).
 
+``--steps 1,5,10`` adds a table of the curves at those steps (``--step-keys``, default response length
+mean and sampled accuracy), mean [min, max] over the label's runs.
+
 Writes ``OUT/compare.png``, ``OUT/compare.md`` and ``OUT/summary.json`` (the table's numbers).
 """
 
@@ -178,6 +181,23 @@ def markdown_table(agg: dict, *, last: int) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
+def steps_table(agg: dict, *, steps: list[int], keys: list[str]) -> str:
+    """Per key and label, the value at each of ``steps``: mean [min, max] over the runs that logged it."""
+    names = dict(METRICS)
+    labels = sorted(agg)
+    lines = ["| metric | label | " + " | ".join(f"step {t}" for t in steps) + " |",
+             "|---|---|" + "---|" * len(steps)]
+    for key in keys:
+        for lab in labels:
+            cells = []
+            for t in steps:
+                vals = [s[t] for s in (series(r["rows"], key) for r in agg[lab]["runs"]) if t in s]
+                cells.append(_fmt({"mean": float(np.mean(vals)), "min": float(np.min(vals)), "max": float(np.max(vals)),
+                                   "n": len(vals)}) if vals else "-")
+            lines.append(f"| {names.get(key, key)} | {lab} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(agg: dict, out_png: str, *, title: str | None = None) -> int:
     """Mean curve and min-max band per label for each panel with data; returns the number of panels."""
     import matplotlib
@@ -231,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--last", type=int, default=5, help="steps averaged at the start and the end of a run")
     parser.add_argument("--label-key", default="actor.loss_mode", help="config.yaml key that labels a run")
     parser.add_argument("--title", default=None)
+    parser.add_argument("--steps", default=None, help="comma-separated steps for a table of the curves at them")
+    parser.add_argument("--step-keys", default="response_length/mean,rollout/acc",
+                        help="comma-separated metrics of the --steps table")
     args = parser.parse_args(argv)
     if args.last < 1:
         parser.error("--last must be >= 1")
@@ -242,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     plot(agg, os.path.join(args.out, "compare.png"), title=args.title)
     table = markdown_table(agg, last=args.last)
+    if args.steps:
+        try:
+            steps = [int(x) for x in args.steps.split(",") if x.strip()]
+        except ValueError:
+            parser.error(f"--steps must be comma-separated integers, got {args.steps!r}")
+        table += "\n" + steps_table(agg, steps=steps, keys=[k for k in args.step_keys.split(",") if k])
     with open(os.path.join(args.out, "compare.md"), "w") as f:
         f.write(table)
     summary = {lab: {"runs": [r["dir"] for r in g["runs"]], "metrics": g["metrics"]} for lab, g in agg.items()}
