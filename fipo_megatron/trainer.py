@@ -44,7 +44,7 @@ from fipo_megatron.log import get_logger
 from fipo_megatron.metrics import MetricsLogger, PhaseTimer
 from fipo_megatron.rollout.mismatch import rollout_mismatch_metrics
 from fipo_megatron.rollout.node_engines import RolloutPlacement
-from fipo_megatron.weights.transport import WeightSyncError, sync_weights
+from fipo_megatron.weights.transport import WeightSyncError
 
 logger = get_logger(__name__)
 
@@ -67,12 +67,11 @@ class Trainer:
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
-        # Checked (per_node layout) before anything heavy is built; a collective on every rank.
-        self.placement = RolloutPlacement(cfg.rollout.placement, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
-                                          cp=cfg.parallel.cp)
+        # Checked (per_node: ranks per node) before anything heavy is built; a collective on every rank.
+        self.placement = RolloutPlacement(cfg.rollout.placement)
         self.parts = build_run_parts(cfg, rank=self.rank, run_dir=self.run_dir, placement=self.placement)
         self.actor = build_actor(cfg, self.parts)
-        self.placement.check_replica(self.actor.groups)
+        self.placement.attach(self.actor.groups)
         self.ckpt = CheckpointManager(root=os.path.join(self.run_dir, "checkpoints"), keep_last=cfg.checkpoint.keep_last,
                                       rank=self.rank, barrier=dist.barrier, world_size=dist.get_world_size(),
                                       all_gather=_all_gather_objects)
@@ -178,10 +177,8 @@ class Trainer:
         engine = self.parts.engine
         if engine is not None:
             engine.resume_memory()
-        return sync_weights(self.actor.model_chunks, groups=self.actor.groups, hf_config=self.parts.hf_config,
-                            transport=engine.weight_transport() if engine is not None else None,
-                            destination="rank0", bucket_bytes=self.parts.sync_bucket_bytes,
-                            exporting_replica=self.placement.exporting_replica(self.actor.groups))
+        return self.placement.sync_weights(self.actor.model_chunks, groups=self.actor.groups, engine=engine,
+                                           hf_config=self.parts.hf_config, bucket_bytes=self.parts.sync_bucket_bytes)
 
     def validate(self) -> dict[str, float]:
         """Sample the validation prompts with the validation settings; avg@k of score and acc (rank 0)."""
