@@ -142,6 +142,27 @@ def test_every_node_engine_equals_the_pipeline_after_each_sync(tp, pp, ranks_per
     # 2nd sync: one bucket per stage, each node received both
     assert all(results[r]["stats"][1]["weights/num_buckets"] == pp for r in leaders)
     assert all(results[r]["stats"][0]["weights/num_buckets"] > 3 * pp for r in leaders)
+    # the docs' arithmetic (sync_volume, from shapes alone) agrees with what the syncs moved
+    from fipo_megatron.checkpoint.registry import get_mapping
+    from fipo_megatron.models.hf_config import padded_vocab_size
+    from fipo_megatron.rollout.node_engines import sync_volume
+
+    hf = tiny_hf_config("qwen2")
+    mapping = get_mapping(hf, padded_vocab_size=padded_vocab_size(hf, tp=tp))
+    for step in range(2):
+        volume = sync_volume(mapping, tp=tp, pp=pp, cp=1, world_size=4, ranks_per_node=ranks_per_node,
+                             bucket_bytes=BUCKET_BYTES[step], dtype_bytes=4)
+        assert volume["mode"] == "broadcast"
+        for r in leaders:
+            assert results[r]["stats"][step]["weights/num_buckets"] == sum(volume["num_buckets"])
+            assert results[r]["stats"][step]["weights/num_bytes"] == volume["model_bytes"]
+        assert volume["collectives"]["stage_broadcast"] == sum(volume["num_buckets"])
+    # over the network: a node holding a stage's source (ranks 0 and 2) gets only the other stage, the
+    # others the whole model
+    received = dict(zip(leaders, volume["bytes_received"]))
+    source_nodes = [r for r in leaders if {0, 2} & set(range(r, r + ranks_per_node))]
+    assert sum(received[r] for r in source_nodes) == volume["model_bytes"]
+    assert all(received[r] == volume["model_bytes"] for r in leaders if r not in source_nodes)
 
 
 def _failing_node_sync_worker(rank, world_size):

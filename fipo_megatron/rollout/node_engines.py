@@ -27,6 +27,7 @@ on that node's GPUs, so every GPU of the job samples during the rollout phase, n
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch.distributed as dist
 
@@ -184,6 +185,62 @@ def serve_rollouts(engine, *, group) -> int:
         k = dist.get_rank(group)
         dist.gather_object(_generate_shard(engine, shards[k], _seeded(sampling, k)), None, dst=0, group=group)
         served += 1
+
+
+_LAYER_ORDER = ("input_layernorm.weight", "self_attention.linear_proj.weight", "self_attention.linear_qkv.weight",
+                "self_attention.linear_qkv.bias", "self_attention.q_layernorm.weight",
+                "self_attention.k_layernorm.weight", "pre_mlp_layernorm.weight", "mlp.linear_fc1.weight",
+                "mlp.linear_fc2.weight")  # megatron-core's module order in a transformer layer (local spec)
+
+
+def sync_volume(mapping, *, tp: int, pp: int, cp: int, world_size: int, ranks_per_node: int, bucket_bytes: int,
+                dtype_bytes: int = 2) -> dict:
+    """What one per-node sync moves, from the model's shapes alone (no tensor is built): for the docs and the
+    start-up log, checked against a real sync in the tests.
+
+    Returns ``mode`` (``local``/``broadcast``), ``model_bytes`` (the HF tensors every node's engine loads),
+    ``num_buckets`` per stage, ``bytes_received`` per node (what arrives over the network: the stages a node
+    does not export itself in ``broadcast`` mode, nothing in ``local`` mode) and ``collectives``: TP
+    all-gathers per exporting replica (one per bucket when tp > 1), stage broadcasts over the leaders' group
+    (one per bucket) and object exchanges (the manifests), plus the one all-reduce every sync ends with."""
+    from fipo_megatron.models.sharding import partition_dim
+
+    leaders = node_leaders(world_size, ranks_per_node)
+    local = weights_stay_on_node(tp=tp, pp=pp, cp=cp, ranks_per_node=ranks_per_node)
+    names = mapping.megatron_names(backend="local")
+    layers_per_stage = mapping.num_layers // pp
+    stages: list[list[str]] = [[] for _ in range(pp)]
+    for name in names:
+        if name.startswith("decoder.layers."):
+            stages[int(name.split(".")[2]) // layers_per_stage].append(name)
+        else:
+            stages[0 if name.startswith("embedding.") else pp - 1].append(name)
+    order = {suffix: i for i, suffix in enumerate(_LAYER_ORDER)}
+    for stage in stages:  # stable: layers stay in order, each layer's tensors in module order
+        stage.sort(key=lambda n: (int(n.split(".")[2]), order[n.split(".", 3)[3]]) if n.startswith("decoder.layers.")
+                   else ((-1, 0) if n.startswith("embedding.") else (1 << 30, 0 if "final" in n else 1)))
+    num_buckets, stage_bytes = [], []
+    for stage in stages:
+        buckets, current, total = 0, 0, 0
+        for name in stage:
+            full = math.prod(mapping.expected_shape(name)) * dtype_bytes
+            total += sum(math.prod(mapping.hf_expected_shape(h)) for h in mapping.hf_sources(name)) * dtype_bytes
+            if current and current + full > bucket_bytes:
+                buckets, current = buckets + 1, 0
+            current += full
+        num_buckets.append(buckets + (1 if current else 0))
+        stage_bytes.append(total)
+    sources = [s * world_size // pp for s in range(pp)]
+    if local:
+        received = [0 for _ in leaders]
+    else:
+        received = [sum(b for s, b in enumerate(stage_bytes) if not leader <= sources[s] < leader + ranks_per_node)
+                    for leader in leaders]
+    return {"mode": "local" if local else "broadcast", "model_bytes": sum(stage_bytes), "num_buckets": num_buckets,
+            "bytes_received": received,
+            "collectives": {"tp_all_gather": sum(num_buckets) if tp > 1 else 0,
+                            "stage_broadcast": 0 if local else sum(num_buckets),
+                            "object_all_gather": 0 if local else 1, "all_reduce": 1}}
 
 
 class RolloutPlacement:
