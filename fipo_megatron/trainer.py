@@ -130,7 +130,7 @@ class Trainer:
         """One RL step on every rank (the module docstring's 1-6); returns its metrics (complete on rank 0)."""
         timer = self.timer = PhaseTimer()
         t0 = time.perf_counter()
-        data_at_start = self._data_state()
+        resume_at_start = self._resume_state()
         # 1-4. rollout, reward, dynamic-sampling filter, GRPO advantages: rank 0 builds the batch, all get it
         with timer("rollout_total"):
             error, outcome = self._rank0_phase(lambda: self.parts.rollout.collect(self.step, timer=timer), "rollout")
@@ -138,7 +138,7 @@ class Trainer:
             error, batch = _broadcast_batch(error, batch)
         if error is not None:
             # Nothing of this step has touched the model: keep what the previous step produced.
-            self._save_before_stopping(self.step - 1, data_state=data_at_start, reason=error)
+            self._save_before_stopping(self.step - 1, resume_state=resume_at_start, reason=error)
             raise RolloutError(f"step {self.step}: rollout failed on rank 0: {error}")
         if batch is not None:
             if self.parts.engine is not None:
@@ -158,7 +158,7 @@ class Trainer:
                 try:
                     metrics.update(self.sync_weights())
                 except WeightSyncError as e:  # raised on every rank; the update itself is complete
-                    self._save_before_stopping(self.step, data_state=self._data_state(), reason=repr(e))
+                    self._save_before_stopping(self.step, resume_state=self._resume_state(), reason=repr(e))
                     raise
             metrics["perf/total_num_tokens"] = float(sum(s.num_tokens for s in batch.samples))
         metrics.update(timer.metrics())
@@ -197,7 +197,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
         """Checkpoint this step (every rank): model, optimizer, LR, RNG, data position, step."""
-        return self._checked_save(self.step, {"data": self._data_state()})
+        return self._checked_save(self.step, self._resume_state())
 
     def _checked_save(self, step: int, state: dict) -> str:
         """Save only finite weights (``DivergenceError`` otherwise: the good checkpoints stay); a checkpoint
@@ -210,9 +210,12 @@ class Trainer:
                               passed=self.skips.streak == 0,
                               checks={"weights_finite": True, "consecutive_skipped_steps": self.skips.streak})
 
-    def _data_state(self) -> dict | None:
-        """The prompt sampler's position (rank 0; None elsewhere), for a checkpoint."""
-        return self.parts.sampler.state_dict() if self.rank == 0 else None
+    def _resume_state(self) -> dict:
+        """The prompt sampler's position and the engine's split history (rank 0; None elsewhere), for a
+        checkpoint's trainer state."""
+        if self.rank != 0:
+            return {"data": None, "rollout": None}
+        return {"data": self.parts.sampler.state_dict(), "rollout": self.parts.engine.state_dict()}
 
     def _validate_everywhere(self) -> dict[str, float]:
         """``validate`` on rank 0; a failure there stops every rank (after saving this step) instead of
@@ -220,7 +223,7 @@ class Trainer:
         error, out = self._rank0_phase(self.validate, "validation")
         error = _broadcast_from_rank0(error)
         if error is not None:
-            self._save_before_stopping(self.step, data_state=self._data_state(), reason=error)
+            self._save_before_stopping(self.step, resume_state=self._resume_state(), reason=error)
             raise RolloutError(f"step {self.step}: validation failed on rank 0: {error}")
         return out or {}
 
@@ -240,7 +243,7 @@ class Trainer:
             logger.exception("step %d: %s failed", self.step, what)
             return f"{type(e).__name__}: {e}", None
 
-    def _save_before_stopping(self, step: int, *, data_state, reason: str) -> None:
+    def _save_before_stopping(self, step: int, *, resume_state, reason: str) -> None:
         """Checkpoint ``step`` (every rank) on the way out of a failed step, unless it is saved already, so a
         resume loses nothing; a failure to save is logged and the original error goes on."""
         saved = None
@@ -255,7 +258,7 @@ class Trainer:
             return
         logger.error("stopping after: %s; saving step %d first", reason, step)
         try:
-            self._checked_save(step, {"data": data_state})
+            self._checked_save(step, resume_state)
         except Exception:  # noqa: BLE001
             logger.exception("could not save step %d before stopping", step)
 
@@ -273,6 +276,8 @@ class Trainer:
         self.step = int(state["step"])
         if self.rank == 0:
             self.parts.sampler.load_state_dict(state["data"])
+            if state.get("rollout"):  # checkpoints from before the split kept a history have none
+                self.parts.engine.load_state_dict(state["rollout"])
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 
 import pytest
@@ -48,12 +49,13 @@ def _per_prompt(engine):
     engine.generate = per_prompt
 
 
-def _train(rank, world_size, run_dir, placement):
+def _train(rank, world_size, run_dir, placement, extra=()):
     from fipo_megatron.config import load_config
     from fipo_megatron.models.sharding import gather_full_state_dict
     from fipo_megatron.trainer import Trainer
 
-    cfg = load_config(CONFIG, overrides=OVERRIDES + [f"trainer.run_dir={run_dir}", f"rollout.placement={placement}"])
+    cfg = load_config(CONFIG, overrides=OVERRIDES + [f"trainer.run_dir={run_dir}", f"rollout.placement={placement}",
+                                                     *extra])
     trainer = Trainer(cfg)
     engine = trainer.parts.engine
     local = getattr(engine, "local", engine)  # rank 0 of per_node holds NodeEngines around its own engine
@@ -98,7 +100,8 @@ def test_pp2_engines_on_both_nodes_train_as_one_engine(tmp_path):
     import fipo_megatron.trainer  # noqa: F401
 
     one = run_distributed(_train, 4, args=(str(tmp_path / "one"), "rank0"), timeout=420, ranks_per_node=2)
-    nodes = run_distributed(_train, 4, args=(str(tmp_path / "nodes"), "per_node"), timeout=420, ranks_per_node=2)
+    nodes = run_distributed(_train, 4, args=(str(tmp_path / "nodes"), "per_node", ["checkpoint.save_at_end=true"]),
+                            timeout=420, ranks_per_node=2)
     assert nodes[0]["mode"] == "broadcast" and one[0]["mode"] is None
     # engines on ranks 0 and 2 only; both sampled a share of every request
     assert [r["engine"] is not None for r in nodes] == [True, False, True, False]
@@ -125,4 +128,7 @@ def test_pp2_engines_on_both_nodes_train_as_one_engine(tmp_path):
         engine = nodes[rank]["engine"]
         for name, tensor in expected.items():
             torch.testing.assert_close(engine[name], tensor, rtol=0, atol=0, msg=f"rank {rank} {name}")
-
+    # the checkpoint keeps rank 0's split history (response lengths of every prompt sampled), for a resume
+    with open(os.path.join(tmp_path, "nodes", "checkpoints", "step_00000002", "trainer_state.json")) as f:
+        history = json.load(f)["rollout"]
+    assert history["num_responses"] == 4 * sum(one[0]["calls"]) and history["last"]
