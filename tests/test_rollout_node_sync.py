@@ -110,22 +110,24 @@ def _preimport():
     import fipo_megatron.rollout.embedded  # noqa: F401
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("tp,pp,ranks_per_node", [(2, 2, 2), (2, 2, 1)],
-                         ids=["tp2_pp2_2nodes", "tp2_pp2_4nodes"])
-def test_every_node_engine_equals_the_pipeline_after_each_sync(tp, pp, ranks_per_node):
-    """2 nodes of 2 ranks (each node holds one pipeline stage; the stage sources lead the nodes) and 4 nodes
-    of 1 (the leaders of nodes 1 and 3 are a TP rank > 0 of a stage: their receiving is interleaved with
-    their part of the stage's all-gathers)."""
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("world,tp,pp,ranks_per_node", [
+    (4, 2, 2, 2), (4, 2, 2, 1), pytest.param(8, 2, 2, 4, marks=pytest.mark.slow)],
+    ids=["tp2_pp2_2nodes", "tp2_pp2_4nodes", "tp2_pp2_dp2_2nodes"])
+def test_every_node_engine_equals_the_pipeline_after_each_sync(world, tp, pp, ranks_per_node):
+    """4 ranks as 2 nodes of 2 (each node holds one pipeline stage; the stage sources lead the nodes) and as
+    4 nodes of 1 (the leaders of nodes 1 and 3 are a TP rank > 0 of a stage: their receiving is interleaved
+    with their part of the stage's all-gathers); 8 ranks as 2 nodes of 4 (tp 2 x pp 2 x dp 2: the DP replica
+    on each node exports nothing)."""
     import transformers
 
     from fipo_megatron.weights.export import check_against_hf_state_dict
 
     _preimport()
-    results = run_distributed(_node_sync_worker, 4, args=(tp, pp, ranks_per_node), timeout=240,
+    results = run_distributed(_node_sync_worker, world, args=(tp, pp, ranks_per_node), timeout=500,
                               ranks_per_node=ranks_per_node)
     assert {r["mode"] for r in results} == {"broadcast"}
-    leaders = list(range(0, 4, ranks_per_node))
+    leaders = list(range(0, world, ranks_per_node))
     last = next(r for r in results if r["pp_rank"] == pp - 1 and r["tp_rank"] == 0 and r["dp_rank"] == 0)
     hf_model = transformers.AutoModelForCausalLM.from_config(tiny_hf_config("qwen2"))
     hf_shapes = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}
@@ -136,7 +138,7 @@ def test_every_node_engine_equals_the_pipeline_after_each_sync(tp, pp, ranks_per
             assert err < 1e-4, f"node of rank {rank}, sync {step}: max |logp diff| {err}"
             received = [ns for bucket in results[rank]["received"][step] for ns in bucket]
             check_against_hf_state_dict(received, hf_shapes, tied_word_embeddings=True)
-        for rank in range(4):
+        for rank in range(world):
             assert (results[rank]["engine"] == []) == (rank not in leaders)
     assert not torch.allclose(last["megatron"][0], last["megatron"][1], atol=1e-3), "weights did not change"
     # 2nd sync: one bucket per stage, each node received both
@@ -150,17 +152,18 @@ def test_every_node_engine_equals_the_pipeline_after_each_sync(tp, pp, ranks_per
     hf = tiny_hf_config("qwen2")
     mapping = get_mapping(hf, padded_vocab_size=padded_vocab_size(hf, tp=tp))
     for step in range(2):
-        volume = sync_volume(mapping, tp=tp, pp=pp, cp=1, world_size=4, ranks_per_node=ranks_per_node,
+        volume = sync_volume(mapping, tp=tp, pp=pp, cp=1, world_size=world, ranks_per_node=ranks_per_node,
                              bucket_bytes=BUCKET_BYTES[step], dtype_bytes=4)
         assert volume["mode"] == "broadcast"
         for r in leaders:
             assert results[r]["stats"][step]["weights/num_buckets"] == sum(volume["num_buckets"])
             assert results[r]["stats"][step]["weights/num_bytes"] == volume["model_bytes"]
         assert volume["collectives"]["stage_broadcast"] == sum(volume["num_buckets"])
-    # over the network: a node holding a stage's source (ranks 0 and 2) gets only the other stage, the
+    # over the network: a node holding a stage's source gets only the other stage, the
     # others the whole model
     received = dict(zip(leaders, volume["bytes_received"]))
-    source_nodes = [r for r in leaders if {0, 2} & set(range(r, r + ranks_per_node))]
+    sources = {0, world // pp}
+    source_nodes = [r for r in leaders if sources & set(range(r, r + ranks_per_node))]
     assert sum(received[r] for r in source_nodes) == volume["model_bytes"]
     assert all(received[r] == volume["model_bytes"] for r in leaders if r not in source_nodes)
 

@@ -91,9 +91,7 @@ class NodeWeightSync:
         on every rank)."""
         from fipo_megatron.weights.transport import sync_weights
 
-        if (transport is not None) != (self.groups.rank in self.leaders):
-            raise ValueError(f"rank {self.groups.rank}: the node leaders {self.leaders} and only they need a "
-                             "transport")
+        assert (transport is not None) == (self.groups.rank in self.leaders), (self.groups.rank, self.leaders)
         return sync_weights(model_chunks, groups=self.groups, hf_config=hf_config, transport=transport,
                             bucket_bytes=bucket_bytes, dtype=dtype, destination="rank0",
                             exporting_replica=self.exporting, route=self.route)

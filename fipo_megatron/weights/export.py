@@ -23,6 +23,9 @@ How it moves data:
   sent point-to-point from the stage's exporting rank); for an engine living in rank 0's process.
   ``destination="stage"``: each stage's exporting rank (tp_rank 0) yields its own buckets, for transports
   that every stage can reach by itself (disk, an NCCL group per stage).
+- ``broadcast_hf_buckets`` (with a ``StageRoute``): every bucket of every stage reaches each of many
+  receivers (the engines on every node), one broadcast per bucket from the stage's exporting rank, each
+  checked on arrival against a manifest.
 - Order is deterministic: stages in order; within a stage, model-chunk then parameter order.
 """
 
