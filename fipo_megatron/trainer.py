@@ -196,7 +196,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
-        """Checkpoint this step (every rank): model, optimizer, LR, RNG, data position, step."""
+        """Checkpoint this step (every rank): model, optimizer, LR, RNG, data position, the engines' split
+        history, step."""
         return self._checked_save(self.step, self._resume_state())
 
     def _checked_save(self, step: int, state: dict) -> str:
@@ -211,8 +212,8 @@ class Trainer:
                               checks={"weights_finite": True, "consecutive_skipped_steps": self.skips.streak})
 
     def _resume_state(self) -> dict:
-        """The prompt sampler's position and the engine's split history (rank 0; None elsewhere), for a
-        checkpoint's trainer state."""
+        """A checkpoint's trainer state: the prompt sampler's position and the engine's split history
+        (``RolloutEngine.state_dict``), both None on ranks other than 0."""
         if self.rank != 0:
             return {"data": None, "rollout": None}
         return {"data": self.parts.sampler.state_dict(), "rollout": self.parts.engine.state_dict()}
