@@ -212,11 +212,10 @@ class Trainer:
                               checks={"weights_finite": True, "consecutive_skipped_steps": self.skips.streak})
 
     def _resume_state(self) -> dict:
-        """A checkpoint's trainer state: the prompt sampler's position and the engine's split history
-        (``RolloutEngine.state_dict``), both None on ranks other than 0."""
-        if self.rank != 0:
-            return {"data": None, "rollout": None}
-        return {"data": self.parts.sampler.state_dict(), "rollout": self.parts.engine.state_dict()}
+        """A checkpoint's trainer state: the prompt sampler's position and the engines' split histories
+        (``RolloutPlacement.engine_state``), both None on ranks other than 0. Every rank calls it."""
+        rollout = self.placement.engine_state(self.parts.engine)  # every rank: per_node gathers from the leaders
+        return {"data": self.parts.sampler.state_dict() if self.rank == 0 else None, "rollout": rollout}
 
     def _validate_everywhere(self) -> dict[str, float]:
         """``validate`` on rank 0; a failure there stops every rank (after saving this step) instead of
@@ -277,8 +276,7 @@ class Trainer:
         self.step = int(state["step"])
         if self.rank == 0:
             self.parts.sampler.load_state_dict(state["data"])
-            if state.get("rollout"):  # checkpoints from before the split kept a history have none
-                self.parts.engine.load_state_dict(state["rollout"])
+        self.placement.load_engine_state(self.parts.engine, state.get("rollout"))  # older checkpoints: none
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 

@@ -232,3 +232,22 @@ def test_sglang_replicas_take_the_next_gpus():
     assert first.random_seed != second.random_seed and second.engine_kwargs()["base_gpu_id"] == 4
     given = SGLangEngineConfig(model_path="/m", tp_size=2, base_gpu_id=2)
     assert _sglang_replica({"config": given}, 2)["config"].base_gpu_id == 6
+
+
+def test_rank0_placement_keeps_the_split_history_for_a_resume():
+    from fipo_megatron.rollout.node_engines import RolloutPlacement
+
+    model = tiny_hf_model("qwen2", seed=0)
+    placement = RolloutPlacement("rank0")  # no process group needed
+    multi, resumed = MultiEngine(_engines(model, 2)), MultiEngine(_engines(model, 2))
+    try:
+        multi.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=3, n=2))
+        state = placement.engine_state(multi)
+        assert state["num_responses"] == 2 * len(PROMPTS)
+        placement.load_engine_state(resumed, state)
+        assert resumed.cost_model.costs(PROMPTS) == multi.cost_model.costs(PROMPTS) != [len(p) for p in PROMPTS]
+        placement.load_engine_state(resumed, None)  # a checkpoint without it: nothing changes
+        assert resumed.cost_model.costs(PROMPTS) == multi.cost_model.costs(PROMPTS)
+    finally:
+        multi.shutdown()
+        resumed.shutdown()

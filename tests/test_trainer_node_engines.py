@@ -2,7 +2,8 @@
 the run trains as the single-engine run (``rollout.placement: rank0``) with the same layout does.
 
 Both runs: 4 gloo ranks as 2 nodes of 2 (tp = 2, pp = 2: node 0 holds stage 0, node 1 stage 1), the real
-loop (embedded engines, Megatron actor, FIPO, weight sync) for 2 steps. To make the two runs' samples
+loop (embedded engines, Megatron actor, FIPO, weight sync) for 2 steps; the per-node run with two engine
+replicas on each node. To make the two runs' samples
 comparable, each engine samples every prompt as its own request with a seed drawn from the prompt and the
 sampling settings (a wrapper below), so a response does not depend on which node drew its prompt, only on
 the weights the engine holds. Then equal metrics and equal final weights mean: both nodes' engines held
@@ -70,7 +71,8 @@ def _train(rank, world_size, run_dir, placement, extra=()):
 
         local.generate = counted
     trainer.fit()
-    state = {k: v.clone() for k, v in local.model.state_dict().items()} if local is not None else None
+    replicas = getattr(local, "engines", [local])  # the last replica: fed through the fan-out
+    state = {k: v.clone() for k, v in replicas[-1].model.state_dict().items()} if local is not None else None
     hf_config = trainer.parts.hf_config
     full = gather_full_state_dict(trainer.actor.model_chunks, groups=trainer.actor.groups,
                                   vocab_size=hf_config.vocab_size)
@@ -100,8 +102,9 @@ def test_pp2_engines_on_both_nodes_train_as_one_engine(tmp_path):
     import fipo_megatron.trainer  # noqa: F401
 
     one = run_distributed(_train, 4, args=(str(tmp_path / "one"), "rank0"), timeout=420, ranks_per_node=2)
-    nodes = run_distributed(_train, 4, args=(str(tmp_path / "nodes"), "per_node", ["checkpoint.save_at_end=true"]),
-                            timeout=420, ranks_per_node=2)
+    # per node: two engine replicas each (rollout.engine_kwargs.num_engines), fed by fan-out
+    nodes = run_distributed(_train, 4, args=(str(tmp_path / "nodes"), "per_node", [
+        "checkpoint.save_at_end=true", "rollout.engine_kwargs={num_engines: 2}"]), timeout=420, ranks_per_node=2)
     assert nodes[0]["mode"] == "broadcast" and one[0]["mode"] is None
     # engines on ranks 0 and 2 only; both sampled a share of every request
     assert [r["engine"] is not None for r in nodes] == [True, False, True, False]
@@ -128,7 +131,10 @@ def test_pp2_engines_on_both_nodes_train_as_one_engine(tmp_path):
         engine = nodes[rank]["engine"]
         for name, tensor in expected.items():
             torch.testing.assert_close(engine[name], tensor, rtol=0, atol=0, msg=f"rank {rank} {name}")
-    # the checkpoint keeps rank 0's split history (response lengths of every prompt sampled), for a resume
+    # the checkpoint keeps the split histories (response lengths of every prompt sampled) of rank 0's split
+    # over the nodes and of each node's split over its two replicas, for a resume
     with open(os.path.join(tmp_path, "nodes", "checkpoints", "step_00000002", "trainer_state.json")) as f:
         history = json.load(f)["rollout"]
-    assert history["num_responses"] == 4 * sum(one[0]["calls"]) and history["last"]
+    assert history["rank0"]["nodes"]["num_responses"] == 4 * sum(one[0]["calls"])
+    node_histories = [history["rank0"]["local"]] + history["leaders"]
+    assert [h["num_responses"] for h in node_histories] == [4 * sum(nodes[r]["calls"]) for r in (0, 2)]

@@ -140,11 +140,13 @@ class NodeEngines(RolloutEngine):
         return outputs
 
     def state_dict(self) -> dict:
-        """The split's cost history (``CostModel.state_dict``), for a resume that splits as before."""
-        return self.cost_model.state_dict()
+        """The split's cost history over the nodes (``CostModel.state_dict``) and rank 0's own engine's state,
+        for a resume that splits as before (the other leaders' engines: ``RolloutPlacement.engine_state``)."""
+        return {"nodes": self.cost_model.state_dict(), "local": self.local.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.cost_model.load_state_dict(state)
+        self.cost_model.load_state_dict(state["nodes"])
+        self.local.load_state_dict(state["local"])
 
     def end_phase(self) -> None:
         """Release the other leaders from ``serve_rollouts`` (after the last ``generate`` of a phase)."""
@@ -289,6 +291,31 @@ class RolloutPlacement:
                                 destination="rank0", bucket_bytes=bucket_bytes)
         assert self.weights is not None, "RolloutPlacement.attach(groups) first"
         return self.weights.sync(model_chunks, hf_config=hf_config, transport=transport, bucket_bytes=bucket_bytes)
+
+    def engine_state(self, engine: RolloutEngine | None) -> dict | None:
+        """Every engine's ``state_dict`` (the split histories a resume needs), on rank 0; None elsewhere.
+        Every rank calls it (``per_node``: a gather over the node leaders)."""
+        if self.group is None:
+            return engine.state_dict() if self.rank == 0 else None
+        if engine is None:
+            return None
+        gathered: list | None = [None] * len(self.leaders) if self.rank == 0 else None
+        dist.gather_object(None if self.rank == 0 else engine.state_dict(), gathered, dst=0, group=self.group)
+        if self.rank != 0:
+            return None
+        return {"rank0": engine.state_dict(), "leaders": gathered[1:]}
+
+    def load_engine_state(self, engine: RolloutEngine | None, state: dict | None) -> None:
+        """Give this rank's engine its part of ``engine_state``'s result (every rank; no collective: every
+        rank reads the checkpoint itself). None or {} (a checkpoint without engine state): nothing."""
+        if engine is None or not state:
+            return
+        if self.group is None:
+            engine.load_state_dict(state)
+        elif self.rank == 0:
+            engine.load_state_dict(state["rank0"])
+        else:
+            engine.load_state_dict(state["leaders"][self.leaders.index(self.rank) - 1])
 
     def serve(self, engine: RolloutEngine | None) -> None:
         """Node leaders other than rank 0 (``per_node``): sample what rank 0 sends until its phase ends.
