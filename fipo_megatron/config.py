@@ -115,7 +115,7 @@ class RolloutConfig:
     """Which engine generates (``engine_kwargs`` go to its factory, e.g. SGLang's ``tp_size``; ``num_engines``
     there builds several replicas, ``base_urls`` + ``weight_sync`` point at several SGLang servers: see
     docs/rollout.md), where colocated engines run (``placement``: ``rank0``, one engine driven by global
-    rank 0; ``per_node``, one on every node, each fed by its node's model replica), the weight-sync bucket
+    rank 0; ``per_node``, one on every node, for any parallel layout), the weight-sync bucket
     size, and validation sampling. Training sampling (``n``, ``temperature``, ``top_p``, ``top_k``,
     ``seed``) is ``SamplingParams``, in the same YAML section."""
 
@@ -351,9 +351,6 @@ class FipoConfig:
         if a.use_distributed_optimizer != self.parallel.use_distributed_optimizer:
             raise ValueError(f"actor.use_distributed_optimizer ({a.use_distributed_optimizer}) and "
                              f"parallel.use_distributed_optimizer ({self.parallel.use_distributed_optimizer}) disagree")
-        if self.rollout.placement == "per_node" and self.parallel.pp != 1:
-            raise ValueError(f"rollout.placement=per_node needs parallel.pp == 1 (got {self.parallel.pp}): each node "
-                             "must hold whole model replicas to feed its engine")
         if self.algorithm.filter_groups.enable and self.sampling.n < 2:
             raise ValueError("algorithm.filter_groups.enable needs rollout.n >= 2 (groups of one always agree)")
         if self.sampling.temperature == 0 and self.sampling.n > 1:

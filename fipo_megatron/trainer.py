@@ -47,7 +47,7 @@ from fipo_megatron.rollout.mismatch import rollout_mismatch_metrics
 from fipo_megatron.rollout.node_engines import RolloutPlacement
 from fipo_megatron.token_records import TokenRecorder
 from fipo_megatron.weights.fp8 import require_fp8_rollout
-from fipo_megatron.weights.transport import WeightSyncError, sync_weights
+from fipo_megatron.weights.transport import WeightSyncError
 
 logger = get_logger(__name__)
 
@@ -72,12 +72,11 @@ class Trainer:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         if cfg.rollout.weights_fp8:
             require_fp8_rollout()  # before anything heavy is built
-        # Checked (per_node layout) before anything heavy is built; a collective on every rank.
-        self.placement = RolloutPlacement(cfg.rollout.placement, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
-                                          cp=cfg.parallel.cp)
+        # Checked (per_node: ranks per node) before anything heavy is built; a collective on every rank.
+        self.placement = RolloutPlacement(cfg.rollout.placement)
         self.parts = build_run_parts(cfg, rank=self.rank, run_dir=self.run_dir, placement=self.placement)
         self.actor = build_actor(cfg, self.parts)
-        self.placement.check_replica(self.actor.groups)
+        self.placement.attach(self.actor.groups)
         self.ckpt = CheckpointManager(root=os.path.join(self.run_dir, "checkpoints"), keep_last=cfg.checkpoint.keep_last,
                                       rank=self.rank, barrier=dist.barrier, world_size=dist.get_world_size(),
                                       all_gather=_all_gather_objects)
@@ -139,7 +138,7 @@ class Trainer:
         """One RL step on every rank (the module docstring's 1-6); returns its metrics (complete on rank 0)."""
         timer = self.timer = PhaseTimer()
         t0 = time.perf_counter()
-        data_at_start = self._data_state()
+        resume_at_start = self._resume_state()
         # 1-4. rollout, reward, dynamic-sampling filter, GRPO advantages: rank 0 builds the batch, all get it
         with timer("rollout_total"):
             error, outcome = self._rank0_phase(lambda: self.parts.rollout.collect(self.step, timer=timer), "rollout")
@@ -147,7 +146,7 @@ class Trainer:
             error, batch = _broadcast_batch(error, batch)
         if error is not None:
             # Nothing of this step has touched the model: keep what the previous step produced.
-            self._save_before_stopping(self.step - 1, data_state=data_at_start, reason=error)
+            self._save_before_stopping(self.step - 1, resume_state=resume_at_start, reason=error)
             raise RolloutError(f"step {self.step}: rollout failed on rank 0: {error}")
         if batch is not None:
             if self.parts.engine is not None:
@@ -169,7 +168,7 @@ class Trainer:
                 try:
                     metrics.update(self.sync_weights())
                 except WeightSyncError as e:  # raised on every rank; the update itself is complete
-                    self._save_before_stopping(self.step, data_state=self._data_state(), reason=repr(e))
+                    self._save_before_stopping(self.step, resume_state=self._resume_state(), reason=repr(e))
                     raise
             metrics["perf/total_num_tokens"] = float(sum(s.num_tokens for s in batch.samples))
         metrics.update(timer.metrics())
@@ -188,11 +187,9 @@ class Trainer:
         engine = self.parts.engine
         if engine is not None:
             engine.resume_memory()
-        return sync_weights(self.actor.model_chunks, groups=self.actor.groups, hf_config=self.parts.hf_config,
-                            transport=engine.weight_transport() if engine is not None else None,
-                            destination="rank0", bucket_bytes=self.parts.sync_bucket_bytes,
-                            exporting_replica=self.placement.exporting_replica(self.actor.groups),
-                            fp8=self.cfg.rollout.weights_fp8)
+        return self.placement.sync_weights(self.actor.model_chunks, groups=self.actor.groups, engine=engine,
+                                           hf_config=self.parts.hf_config, bucket_bytes=self.parts.sync_bucket_bytes,
+                                           fp8=self.cfg.rollout.weights_fp8)
 
     def validate(self) -> dict[str, float]:
         """Sample the validation prompts with the validation settings; avg@k of score and acc (rank 0)."""
@@ -210,8 +207,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
-        """Checkpoint this step (every rank): model, optimizer, LR, RNG, data position, step."""
-        return self._checked_save(self.step, {"data": self._data_state()})
+        """Checkpoint this step (every rank): model, optimizer, LR, RNG, data position, the engines' split
+        history, step."""
+        return self._checked_save(self.step, self._resume_state())
 
     def _checked_save(self, step: int, state: dict) -> str:
         """Save only finite weights (``DivergenceError`` otherwise: the good checkpoints stay); a checkpoint
@@ -224,9 +222,11 @@ class Trainer:
                               passed=self.skips.streak == 0,
                               checks={"weights_finite": True, "consecutive_skipped_steps": self.skips.streak})
 
-    def _data_state(self) -> dict | None:
-        """The prompt sampler's position (rank 0; None elsewhere), for a checkpoint."""
-        return self.parts.sampler.state_dict() if self.rank == 0 else None
+    def _resume_state(self) -> dict:
+        """A checkpoint's trainer state: the prompt sampler's position and the engines' split histories
+        (``RolloutPlacement.engine_state``), both None on ranks other than 0. Every rank calls it."""
+        rollout = self.placement.engine_state(self.parts.engine)  # every rank: per_node gathers from the leaders
+        return {"data": self.parts.sampler.state_dict() if self.rank == 0 else None, "rollout": rollout}
 
     def _validate_everywhere(self) -> dict[str, float]:
         """``validate`` on rank 0; a failure there stops every rank (after saving this step) instead of
@@ -234,7 +234,7 @@ class Trainer:
         error, out = self._rank0_phase(self.validate, "validation")
         error = _broadcast_from_rank0(error)
         if error is not None:
-            self._save_before_stopping(self.step, data_state=self._data_state(), reason=error)
+            self._save_before_stopping(self.step, resume_state=self._resume_state(), reason=error)
             raise RolloutError(f"step {self.step}: validation failed on rank 0: {error}")
         return out or {}
 
@@ -254,7 +254,7 @@ class Trainer:
             logger.exception("step %d: %s failed", self.step, what)
             return f"{type(e).__name__}: {e}", None
 
-    def _save_before_stopping(self, step: int, *, data_state, reason: str) -> None:
+    def _save_before_stopping(self, step: int, *, resume_state, reason: str) -> None:
         """Checkpoint ``step`` (every rank) on the way out of a failed step, unless it is saved already, so a
         resume loses nothing; a failure to save is logged and the original error goes on."""
         saved = None
@@ -269,7 +269,7 @@ class Trainer:
             return
         logger.error("stopping after: %s; saving step %d first", reason, step)
         try:
-            self._checked_save(step, {"data": data_state})
+            self._checked_save(step, resume_state)
         except Exception:  # noqa: BLE001
             logger.exception("could not save step %d before stopping", step)
 
@@ -287,6 +287,7 @@ class Trainer:
         self.step = int(state["step"])
         if self.rank == 0:
             self.parts.sampler.load_state_dict(state["data"])
+        self.placement.load_engine_state(self.parts.engine, state.get("rollout"))  # older checkpoints: none
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 

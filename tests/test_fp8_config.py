@@ -112,17 +112,20 @@ def test_trainer_refuses_fp8_rollout_without_cuda(tmp_path):
 
 @pytest.mark.parametrize("weights_fp8", [False, True])
 def test_trainer_sync_sends_fp8_when_configured(monkeypatch, weights_fp8):
-    """The trainer's sync passes rollout.weights_fp8 to the export (quantisation itself: test_weights_fp8)."""
+    """The trainer's sync passes rollout.weights_fp8 through its placement to the export (quantisation
+    itself: test_weights_fp8)."""
     import types
 
     from fipo_megatron import trainer as trainer_mod
+    from fipo_megatron.rollout.node_engines import RolloutPlacement
+    from fipo_megatron.weights import transport as transport_mod
 
     seen = {}
-    monkeypatch.setattr(trainer_mod, "sync_weights", lambda *args, **kwargs: seen.update(kwargs) or {})
+    monkeypatch.setattr(transport_mod, "sync_weights", lambda *args, **kwargs: seen.update(kwargs) or {})
     fake = types.SimpleNamespace(
         cfg=types.SimpleNamespace(rollout=types.SimpleNamespace(weights_fp8=weights_fp8)),
         parts=types.SimpleNamespace(engine=None, hf_config=None, sync_bucket_bytes=1 << 20),
         actor=types.SimpleNamespace(model_chunks=[], groups=None),
-        placement=types.SimpleNamespace(exporting_replica=lambda groups: True))
+        placement=RolloutPlacement("rank0"))
     trainer_mod.Trainer.sync_weights(fake)
     assert seen["fp8"] is weights_fp8

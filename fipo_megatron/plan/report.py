@@ -119,11 +119,10 @@ def make_plan(config_path: str | None, *, overrides: list[str] | tuple[str, ...]
         return failed("layout error", str(err))
     common = dict(cfg=cfg, cluster=cluster, hf_source=hf_source, warnings=_warnings(cfg, hf_config))
     if cfg.rollout.placement == "per_node":
-        from fipo_megatron.rollout.node_engines import check_per_node_layout
+        from fipo_megatron.rollout.node_engines import node_leaders
 
         try:
-            check_per_node_layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp,
-                                  ranks_per_node=cluster.gpus_per_node)
+            node_leaders(cluster.world_size, cluster.gpus_per_node)  # any layout works; whole nodes needed
         except ValueError as err:
             return failed("layout error", str(err), **common)
     try:

@@ -153,6 +153,14 @@ class RolloutEngine(Protocol):
     def shutdown(self) -> None:
         """Stop the engine and everything it started. Default: nothing was started."""
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to sample as an uninterrupted one would (JSON-serialisable; several
+        engines: the cost history their split follows). Default: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s result. Default: nothing to restore."""
+
 
 EngineFactory = Callable[..., RolloutEngine]
 _ENGINES: dict[str, EngineFactory] = {}

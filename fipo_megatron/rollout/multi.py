@@ -5,11 +5,15 @@
                         weight_sync={"master_port": 29600, "engine_world_size": 4})
     outs = engine.generate(prompts, sampling)      # prompts split across engines, run concurrently
 
-- ``generate``: the prompts are cut into contiguous, near-equal shards (all ``n`` samples of a prompt stay
-  on one engine, so its prefix cache serves them), the engines run concurrently in threads (their work
-  happens in their own processes or servers), and the outputs come back in prompt order with global
-  ``prompt_index``. With a ``seed``, engine ``i`` samples with ``shard_seed(seed, "engine", i)`` (engine 0
-  with ``seed`` itself), so a run is reproducible for a fixed engine count (not across counts).
+- ``generate``: the prompts are split by expected cost (``balanced_split``, costs from ``CostModel``: a
+  prompt's previous mean response length when it was sampled before, else its length plus the mean response
+  length seen so far). All ``n`` samples of a prompt stay on one engine (its prefix cache serves them); the
+  engines run concurrently in threads (their work happens in their own processes or servers), and the
+  outputs come back in prompt order with global ``prompt_index``. With a ``seed``, engine ``i`` samples
+  with ``shard_seed(seed, "engine", i)`` (engine 0 with ``seed`` itself). The split, hence which stream a
+  prompt draws from, is a pure function of the request and the cost history: reproducible for a fixed
+  engine count and history (``state_dict``/``load_state_dict`` carry the history across a resume), not
+  across engine counts (an engine samples its whole shard from one stream).
 - Weights: ``weight_transport()`` fans every bucket out to each engine's own transport
   (``weights.transport.FanOutTransport``): in-process copies for colocated engines. Several SGLang
   servers are a ``rollout.sglang_engine.SGLangServerPool`` instead (this class plus one weight group
@@ -20,6 +24,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import heapq
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -30,33 +37,93 @@ from fipo_megatron.rollout.base import RolloutEngine, RolloutOutput, SamplingPar
 logger = get_logger(__name__)
 
 
-def shard_ranges(num_items: int, num_parts: int) -> list[tuple[int, int]]:
-    """``num_parts`` contiguous ``[start, end)`` ranges covering ``range(num_items)`` in order, sizes differing
-    by at most one (trailing ones empty when there are fewer items than parts)."""
-    base, extra = divmod(num_items, num_parts)
-    ranges, start = [], 0
-    for i in range(num_parts):
-        end = start + base + (1 if i < extra else 0)
-        ranges.append((start, end))
-        start = end
-    return ranges
+def balanced_split(costs: list[float], num_parts: int) -> list[list[int]]:
+    """Indices of ``costs`` in ``num_parts`` parts of near-equal total cost, each part in increasing order.
+
+    Longest-processing-time first: items by decreasing cost (ties: lower index first), each to the part with
+    the smallest total so far (ties: lower part). The most expensive items land on different parts, and the
+    largest part total is at most 4/3 of the best possible. Deterministic; a part may be empty."""
+    if num_parts < 1:
+        raise ValueError(f"num_parts must be >= 1, got {num_parts}")
+    heap = [(0.0, part) for part in range(num_parts)]  # (total, part): heapq breaks ties by part
+    parts: list[list[int]] = [[] for _ in range(num_parts)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        total, part = heapq.heappop(heap)
+        parts[part].append(i)
+        heapq.heappush(heap, (total + costs[i], part))
+    return [sorted(p) for p in parts]
 
 
-def append_shard(outputs: list[RolloutOutput], shard: list[RolloutOutput], *, start: int, end: int, n: int,
-                 source: str) -> None:
-    """Append the outputs of prompts ``[start, end)`` (sampled as their own request) to ``outputs``, with
-    ``prompt_index`` made global; RuntimeError naming ``source`` if the count is not ``(end - start) * n``."""
-    if len(shard) != (end - start) * n:
-        raise RuntimeError(f"{source} returned {len(shard)} responses for {end - start} prompts x n={n} "
-                           f"(expected {(end - start) * n})")
-    for out in shard:
-        out.prompt_index += start
-    outputs.extend(shard)
+def _prompt_key(prompt: list[int]) -> str:
+    return hashlib.blake2b(repr(list(prompt)).encode(), digest_size=8).hexdigest()
 
 
-def split_evenly(num_items: int, num_parts: int) -> list[tuple[int, int]]:
-    """``shard_ranges`` without the empty ranges."""
-    return [(a, b) for a, b in shard_ranges(num_items, num_parts) if b > a]
+class CostModel:
+    """Expected cost of sampling a prompt, in tokens: its length plus its expected response length.
+
+    The expected response length is the prompt's mean response length the last time it was sampled (long
+    chains of thought are a property of the problem, so they recur), else the mean response length of
+    everything sampled so far (0 before the first request: the prompt's length alone). The history keeps
+    the ``max_prompts`` most recently sampled prompts. ``state_dict`` is JSON-serialisable."""
+
+    def __init__(self, *, max_prompts: int = 1 << 20):
+        self.max_prompts = max_prompts
+        self._last: OrderedDict[str, float] = OrderedDict()  # prompt key -> mean response length
+        self._num_responses = 0
+        self._num_response_tokens = 0
+
+    def costs(self, prompts: list[list[int]]) -> list[float]:
+        default = self._num_response_tokens / self._num_responses if self._num_responses else 0.0
+        return [len(p) + self._last.get(_prompt_key(p), default) for p in prompts]
+
+    def observe(self, prompts: list[list[int]], outputs: list[RolloutOutput]) -> None:
+        """Record the response lengths of ``outputs`` (``prompt_index`` into ``prompts``)."""
+        totals: dict[int, list[int]] = {}
+        for out in outputs:
+            entry = totals.setdefault(out.prompt_index, [0, 0])
+            entry[0] += len(out.token_ids)
+            entry[1] += 1
+        for i, (num_tokens, count) in totals.items():
+            key = _prompt_key(prompts[i])
+            self._last.pop(key, None)
+            self._last[key] = num_tokens / count
+            self._num_response_tokens += num_tokens
+            self._num_responses += count
+        while len(self._last) > self.max_prompts:
+            self._last.popitem(last=False)
+
+    def state_dict(self) -> dict:
+        return {"last": dict(self._last), "num_responses": self._num_responses,
+                "num_response_tokens": self._num_response_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._last = OrderedDict((str(k), float(v)) for k, v in state["last"].items())
+        self._num_responses = int(state["num_responses"])
+        self._num_response_tokens = int(state["num_response_tokens"])
+
+
+def place_shard(slots: list[list[RolloutOutput] | None], shard: list[RolloutOutput], *, indices: list[int],
+                n: int, source: str) -> None:
+    """Put the outputs of the prompts ``indices`` (sampled as their own request, in that order) into
+    ``slots`` (one list of ``n`` outputs per prompt of the whole request), with ``prompt_index`` made global;
+    RuntimeError naming ``source`` if the count or the grouping is not ``n`` per prompt."""
+    if len(shard) != len(indices) * n:
+        raise RuntimeError(f"{source} returned {len(shard)} responses for {len(indices)} prompts x n={n} "
+                           f"(expected {len(indices) * n})")
+    for k, i in enumerate(indices):
+        group = shard[k * n:(k + 1) * n]
+        if any(out.prompt_index != k for out in group):
+            raise RuntimeError(f"{source} returned responses out of prompt order (prompt {k} of its shard)")
+        for out in group:
+            out.prompt_index = i
+        slots[i] = group
+
+
+def gather_slots(slots: list[list[RolloutOutput] | None]) -> list[RolloutOutput]:
+    """The outputs of every prompt, in prompt order (every slot must have been filled)."""
+    missing = [i for i, group in enumerate(slots) if group is None]
+    assert not missing, f"prompts without responses: {missing}"
+    return [out for group in slots for out in group]
 
 
 class MultiEngine(RolloutEngine):
@@ -67,6 +134,7 @@ class MultiEngine(RolloutEngine):
             raise ValueError("MultiEngine needs at least one engine")
         self.engines = list(engines)
         self._pool = ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="rollout-engine")
+        self.cost_model = CostModel()
 
     def __len__(self) -> int:
         return len(self.engines)
@@ -89,23 +157,34 @@ class MultiEngine(RolloutEngine):
         return results
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[RolloutOutput]:
-        shards = split_evenly(len(prompt_token_ids), len(self.engines))
-        futures = []
-        for i, (start, end) in enumerate(shards):
-            shard_sampling = sampling if sampling.seed is None else _with_seed(
-                sampling, shard_seed(sampling.seed, "engine", i))
-            futures.append(self._pool.submit(self.engines[i].generate, prompt_token_ids[start:end], shard_sampling))
-        outputs: list[RolloutOutput] = []
-        for i, ((start, end), future) in enumerate(zip(shards, futures)):
+        parts = balanced_split(self.cost_model.costs(prompt_token_ids), len(self.engines))
+        futures = {}
+        for i, indices in enumerate(parts):
+            if indices:
+                shard_sampling = sampling if sampling.seed is None else _with_seed(
+                    sampling, shard_seed(sampling.seed, "engine", i))
+                futures[i] = self._pool.submit(self.engines[i].generate, [prompt_token_ids[j] for j in indices],
+                                               shard_sampling)
+        slots: list = [None] * len(prompt_token_ids)
+        for i, future in futures.items():
             try:
                 shard = future.result()
             except Exception as e:  # noqa: BLE001
-                for other in futures:
+                for other in futures.values():
                     other.cancel()
                 raise RuntimeError(f"rollout engine {i} of {len(self.engines)} failed to generate prompts "
-                                   f"{start}..{end - 1}: {e!r}") from e
-            append_shard(outputs, shard, start=start, end=end, n=sampling.n, source=f"rollout engine {i}")
+                                   f"{_describe(parts[i])}: {e!r}") from e
+            place_shard(slots, shard, indices=parts[i], n=sampling.n, source=f"rollout engine {i}")
+        outputs = gather_slots(slots)
+        self.cost_model.observe(prompt_token_ids, outputs)
         return outputs
+
+    def state_dict(self) -> dict:
+        """The split's cost history (``CostModel.state_dict``), for a resume that splits as before."""
+        return self.cost_model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cost_model.load_state_dict(state)
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         for engine in self.engines:  # in order: in-process engines copy from the same tensors
@@ -134,6 +213,13 @@ class MultiEngine(RolloutEngine):
             self._on_all("shutdown")
         finally:
             self._pool.shutdown(wait=False)
+
+
+def _describe(indices: list[int]) -> str:
+    """'3..7' for a contiguous run, else the list (shortened)."""
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return f"{indices[0]}..{indices[-1]}"
+    return str(indices if len(indices) <= 8 else indices[:8] + ["..."])
 
 
 def _with_seed(sampling: SamplingParams, seed: int) -> SamplingParams:

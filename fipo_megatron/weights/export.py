@@ -23,6 +23,9 @@ How it moves data:
   sent point-to-point from the stage's exporting rank); for an engine living in rank 0's process.
   ``destination="stage"``: each stage's exporting rank (tp_rank 0) yields its own buckets, for transports
   that every stage can reach by itself (disk, an NCCL group per stage).
+- ``broadcast_hf_buckets`` (with a ``StageRoute``): every bucket of every stage reaches each of many
+  receivers (the engines on every node), one broadcast per bucket from the stage's exporting rank, each
+  checked on arrival against a manifest.
 - Order is deterministic: stages in order; within a stage, model-chunk then parameter order.
 """
 
@@ -86,10 +89,15 @@ def _layout(nbytes: list[int]) -> tuple[list[int], int]:
     return offsets, total
 
 
-def pack_bytes(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate tensors' bytes into one flat uint8 buffer (16-byte aligned starts; see ``unpack_bytes``)."""
+def pack_bytes(tensors: list[torch.Tensor], *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Concatenate tensors' bytes into one flat uint8 buffer (16-byte aligned starts; see ``unpack_bytes``).
+    ``out``: write into this uint8 buffer (``packed_size`` bytes) instead of a new one."""
     offsets, total = _layout([t.numel() * t.element_size() for t in tensors])
-    flat = torch.empty(total, dtype=torch.uint8, device=tensors[0].device if tensors else "cpu")
+    if out is not None:
+        assert out.dtype == torch.uint8 and out.numel() == total, (out.dtype, out.numel(), total)
+        flat = out
+    else:
+        flat = torch.empty(total, dtype=torch.uint8, device=tensors[0].device if tensors else "cpu")
     for t, off in zip(tensors, offsets):
         b = _as_bytes(t)
         flat[off:off + b.numel()].copy_(b)
@@ -181,6 +189,40 @@ def _recv_bucket(src: int, device) -> NamedTensors:
     return [(name, t) for (name, _, _), t in zip(meta, unpack_bytes(flat, specs))]
 
 
+def _resolve_mapping(mapping, hf_config, groups):
+    if mapping is not None:
+        return mapping
+    if hf_config is None:
+        raise ValueError("the weight export needs hf_config or mapping")
+    from fipo_megatron.checkpoint.registry import get_mapping
+    from fipo_megatron.models.hf_config import padded_vocab_size
+
+    return get_mapping(hf_config, padded_vocab_size=padded_vocab_size(hf_config, tp=groups.tp_size))
+
+
+def _export_entries(model_chunks, mapping) -> list[_Entry]:
+    entries = []
+    for name, (_, param, _) in local_params(model_chunks).items():
+        if name == "output_layer.weight" and mapping.tie_word_embeddings:
+            continue  # the last stage's copy of the tied embedding; stage 0 exports the original
+        entries.append(_Entry(name=name, param=param, tp_sharded=partition_dim(name) is not None))
+    return entries
+
+
+def _stage_hf_buckets(buckets: list[list[_Entry]], *, groups, mapping, dtype, device
+                      ) -> Iterator[NamedTensors | None]:
+    """One step per bucket on every TP rank of an exporting replica: the HF bucket on tp_rank 0, None on
+    the others (their step is their part of the bucket's all-gather), so callers can interleave other
+    collectives with the export in the same order on every rank."""
+    # Double buffering: bucket k+1's all-gather runs while bucket k is rebuilt and consumed.
+    pending = _start_bucket(buckets[0], groups=groups) if buckets else None
+    for k in range(len(buckets)):
+        current = pending
+        pending = _start_bucket(buckets[k + 1], groups=groups) if k + 1 < len(buckets) else None
+        full = _finish_bucket(current)
+        yield _to_hf(full, mapping=mapping, dtype=dtype, device=device) if groups.tp_rank == 0 else None
+
+
 def export_hf_buckets(model_chunks, *, groups, hf_config=None, mapping=None, bucket_bytes: int = 512 << 20,
                       destination: str = "rank0", dtype: torch.dtype | None = None,
                       device: str | torch.device | None = None,
@@ -198,24 +240,14 @@ def export_hf_buckets(model_chunks, *, groups, hf_config=None, mapping=None, buc
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
     if destination not in DESTINATIONS:
         raise ValueError(f"destination must be one of {DESTINATIONS}, got {destination!r}")
-    if mapping is None:
-        if hf_config is None:
-            raise ValueError("export_hf_buckets needs hf_config or mapping")
-        from fipo_megatron.checkpoint.registry import get_mapping
-        from fipo_megatron.models.hf_config import padded_vocab_size
-
-        mapping = get_mapping(hf_config, padded_vocab_size=padded_vocab_size(hf_config, tp=groups.tp_size))
+    mapping = _resolve_mapping(mapping, hf_config, groups)
     if exporting_replica is None:
         exporting_replica = groups.dp_rank == 0 and groups.cp_rank == 0
     elif groups.pp_size != 1:
         raise ValueError("export_hf_buckets: exporting_replica (several exporting replicas) needs pp == 1")
     if not exporting_replica:
         return  # an identical replica exports; this one has nothing to do
-    entries = []
-    for name, (_, param, _) in local_params(model_chunks).items():
-        if name == "output_layer.weight" and mapping.tie_word_embeddings:
-            continue  # the last stage's copy of the tied embedding; stage 0 exports the original
-        entries.append(_Entry(name=name, param=param, tp_sharded=partition_dim(name) is not None))
+    entries = _export_entries(model_chunks, mapping)
     buckets = plan_buckets(entries, bucket_bytes=bucket_bytes, tp_size=groups.tp_size)
     logger.debug("weight export: stage %d, %d tensors in %d buckets of <= %d bytes", groups.pp_rank,
                  len(entries), len(buckets), bucket_bytes)
@@ -224,14 +256,9 @@ def export_hf_buckets(model_chunks, *, groups, hf_config=None, mapping=None, buc
     comm_device = next((e.param.device for e in entries), torch.device("cpu"))
 
     def local_hf_buckets() -> Iterator[NamedTensors]:
-        # Double buffering: bucket k+1's all-gather runs while bucket k is rebuilt and consumed.
-        pending = _start_bucket(buckets[0], groups=groups) if buckets else None
-        for k in range(len(buckets)):
-            current = pending
-            pending = _start_bucket(buckets[k + 1], groups=groups) if k + 1 < len(buckets) else None
-            full = _finish_bucket(current)
-            if is_sender:
-                yield _to_hf(full, mapping=mapping, dtype=dtype, device=device)
+        for bucket in _stage_hf_buckets(buckets, groups=groups, mapping=mapping, dtype=dtype, device=device):
+            if bucket is not None:
+                yield bucket
 
     if destination == "stage" or groups.pp_size == 1:
         if destination == "stage" or groups.pp_rank == 0:
@@ -257,19 +284,15 @@ def export_hf_buckets(model_chunks, *, groups, hf_config=None, mapping=None, buc
 def hf_names_and_shapes(model_chunks, *, groups, hf_config=None, mapping=None) -> list[tuple[str, tuple[int, ...]]]:
     """The (HF name, shape) list a sync sends, computed without moving any tensor data: what an engine
     (SGLang ``update_weights_from_distributed`` / vLLM ``load_weights``) will be asked to load."""
-    if mapping is None:
-        from fipo_megatron.checkpoint.registry import get_mapping
-        from fipo_megatron.models.hf_config import padded_vocab_size
+    mapping = _resolve_mapping(mapping, hf_config, groups)
+    return [(hf, shape) for e in _export_entries(model_chunks, mapping)
+            for hf, shape, _ in _hf_specs(e, mapping=mapping, dtype=None)]
 
-        mapping = get_mapping(hf_config, padded_vocab_size=padded_vocab_size(hf_config, tp=groups.tp_size))
-    out = []
-    for name, (_, param, _) in local_params(model_chunks).items():
-        if name == "output_layer.weight" and mapping.tie_word_embeddings:
-            continue
-        full_shape = mapping.expected_shape(name)
-        meta = torch.empty(full_shape, device="meta", dtype=param.dtype)
-        out.extend((hf, tuple(t.shape)) for hf, t in mapping.megatron_to_hf(name, meta))
-    return out
+
+def _hf_specs(entry: _Entry, *, mapping, dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(HF name, full shape, dtype) of what ``entry`` exports, from its full shape alone (meta tensors)."""
+    meta = torch.empty(mapping.expected_shape(entry.name), device="meta", dtype=entry.param.dtype)
+    return [(hf, tuple(t.shape), dtype or t.dtype) for hf, t in mapping.megatron_to_hf(entry.name, meta)]
 
 
 def check_against_hf_state_dict(sent: list[tuple[str, tuple[int, ...]]], hf_shapes: dict[str, tuple[int, ...]], *,
@@ -290,3 +313,165 @@ def check_against_hf_state_dict(sent: list[tuple[str, tuple[int, ...]]], hf_shap
     if missing or unexpected or wrong or duplicated:
         raise ValueError(f"weight sync does not match the HF model: missing {missing}, unexpected {unexpected}, "
                          f"duplicated {duplicated}, wrong shapes {wrong}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Every stage to every node: engines on all nodes for any TP/PP/CP/DP layout (``rollout.node_engines``)
+
+_MAGIC = 0x46495046454E4345  # marks a bucket buffer's fences
+_FENCE_WORDS = 8             # int64 words of the header and of the trailer (64 bytes: keeps 16-byte alignment)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageRoute:
+    """Who takes part in a stage broadcast: ``sources[s]`` exports pipeline stage ``s`` (tp_rank 0 of its
+    ``dp_rank == cp_rank == 0`` replica), ``receivers`` get every bucket of every stage. ``group`` holds
+    the sources and receivers (NCCL with CUDA, gloo on CPU: the bucket payloads), ``object_group`` the
+    same ranks over gloo (the manifests). Build it with ``new_stage_route``."""
+
+    sources: tuple[int, ...]
+    receivers: tuple[int, ...]
+    group: object
+    object_group: object
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.sources) | set(self.receivers)))
+
+
+def stage_sources(groups) -> tuple[int, ...]:
+    """The global rank exporting each pipeline stage: tp = cp = dp = 0 of that stage, which Megatron's rank
+    order (tp-cp-ep-dp-pp, pp slowest) puts at ``stage * world / pp``."""
+    per_stage = groups.world_size // groups.pp_size
+    return tuple(stage * per_stage for stage in range(groups.pp_size))
+
+
+def new_stage_route(groups, receivers: list[int], *, backend: str | None = None) -> StageRoute:
+    """Build the groups of a ``StageRoute`` to ``receivers`` (global ranks). Collective: every rank of the
+    job calls it, with the same ``receivers``. ``backend``: default NCCL when CUDA is available, else gloo."""
+    sources = stage_sources(groups)
+    if groups.tp_rank == groups.cp_rank == groups.dp_rank == 0:
+        assert groups.rank == sources[groups.pp_rank], (groups.rank, sources, groups.pp_rank)
+    receivers = tuple(sorted(set(int(r) for r in receivers)))
+    if not receivers or receivers[0] < 0 or receivers[-1] >= groups.world_size:
+        raise ValueError(f"receivers must be ranks in [0, {groups.world_size}), got {list(receivers)}")
+    members = sorted(set(sources) | set(receivers))
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    group = dist.new_group(members, backend=backend)
+    object_group = group if backend == "gloo" else dist.new_group(members, backend="gloo")
+    return StageRoute(sources=sources, receivers=receivers, group=group, object_group=object_group)
+
+
+def _fence(nonce: int, stage: int, index: int, specs, ok: bool) -> list[int]:
+    return [_MAGIC, nonce, stage, index, len(specs), packed_size([(s, d) for _, s, d in specs]), int(ok), 0]
+
+
+def broadcast_hf_buckets(model_chunks, *, route: StageRoute, groups, hf_config=None, mapping=None,
+                         bucket_bytes: int = 512 << 20, dtype: torch.dtype | None = None) -> Iterator[NamedTensors]:
+    """Yield every bucket of every stage, in stage order, on each of ``route.receivers``: each rank then
+    holds the full HF-named model one bucket at a time (engines on every node, any parallel layout).
+
+    Every rank of the job must exhaust the iterator. How it moves data:
+
+    1. Each stage's exporting replica exports its own layers as ``export_hf_buckets(destination="stage")``
+       does (TP all-gather per bucket inside the replica).
+    2. Manifests first: each stage's source sends the list of its buckets' (HF name, shape, dtype),
+       computed from shapes alone, with a fresh random nonce (one gloo all-gather of objects). A receiver
+       checks that the manifests together cover the HF model exactly (``check_against_hf_state_dict``
+       against the mapping's own list) before any tensor arrives.
+    3. Then one broadcast per bucket from the stage's source over ``route.group``: one flat byte buffer,
+       a 64-byte header (nonce, stage, bucket index, tensor count, payload bytes) before the payload and
+       the same 64 bytes after it. A receiver checks both fences against the manifest, so a bucket of an
+       earlier sync, a skipped or truncated one cannot pass as this one; the tensors are views of the
+       buffer. The source checks its actual bucket against its manifest before sending.
+
+    A failed check does not stop the loop (the other ranks are inside the broadcasts): this rank yields
+    nothing more, keeps receiving, and raises ``ValueError`` once the last bucket has gone by. Memory: a
+    receiver holds one bucket (``bucket_bytes`` plus 128 bytes); a source a packed copy on top of the
+    export's own buffers.
+    """
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    mapping = _resolve_mapping(mapping, hf_config, groups)
+    rank = groups.rank
+    member, receiver = rank in route.members, rank in route.receivers
+    exporting = groups.dp_rank == 0 and groups.cp_rank == 0
+    is_source = exporting and rank == route.sources[groups.pp_rank]
+    local = None
+    manifest = None
+    if exporting:
+        entries = _export_entries(model_chunks, mapping)
+        buckets = plan_buckets(entries, bucket_bytes=bucket_bytes, tp_size=groups.tp_size)
+        local = _stage_hf_buckets(buckets, groups=groups, mapping=mapping, dtype=dtype, device=None)
+        if is_source:
+            import secrets
+
+            manifest = (groups.pp_rank, secrets.randbits(62),
+                        [[spec for e in bucket for spec in _hf_specs(e, mapping=mapping, dtype=dtype)]
+                         for bucket in buckets])
+    if not member:
+        for _ in local or ():  # tp_rank > 0 of an exporting replica: its part of the all-gathers only
+            pass
+        return
+
+    gathered: list = [None] * len(route.members)
+    dist.all_gather_object(gathered, manifest, group=route.object_group)
+    manifests = {m[0]: m for m in gathered if m is not None}
+    error: str | None = None
+    if sorted(manifests) != list(range(len(route.sources))):
+        # Every member sees the same gathered list: all skip the payloads together.
+        for _ in local or ():
+            pass
+        raise ValueError(f"weight broadcast: manifests for stages {sorted(manifests)}, expected "
+                         f"{len(route.sources)} stages")
+    if receiver:
+        sent = [(name, shape) for stage in range(len(route.sources)) for bucket in manifests[stage][2]
+                for name, shape, _ in bucket]
+        expected = {hf: mapping.hf_expected_shape(hf) for hf in mapping.hf_names()}
+        try:
+            check_against_hf_state_dict(sent, expected)
+        except ValueError as e:
+            error = str(e)
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend(route.group) == "nccl" else torch.device("cpu"))
+    fence_bytes = _FENCE_WORDS * 8
+    for stage in range(len(route.sources)):
+        _, nonce, bucket_specs = manifests[stage]
+        src = route.sources[stage]
+        mine = local if groups.pp_rank == stage else None
+        for index, specs in enumerate(bucket_specs):
+            bucket = next(mine) if mine is not None else None  # in step with the stage's TP all-gathers
+            payload_specs = [(shape, dt) for _, shape, dt in specs]
+            size = packed_size(payload_specs)
+            buf = torch.empty(2 * fence_bytes + size, dtype=torch.uint8, device=device)
+            header, payload, trailer = buf[:fence_bytes], buf[fence_bytes:fence_bytes + size], buf[fence_bytes + size:]
+            header.zero_()
+            trailer.zero_()  # a broadcast that did not land leaves zeros, never an old bucket's fences
+            if rank == src:
+                got = [(n, tuple(t.shape), t.dtype) for n, t in bucket]
+                ok = got == [(n, tuple(sh), dt) for n, sh, dt in specs]
+                if ok and bucket:
+                    pack_bytes([t.to(device) for _, t in bucket], out=payload)
+                elif not ok:
+                    payload.zero_()
+                if not ok and error is None:
+                    error = f"stage {stage} bucket {index}: exported {got}, manifest says {specs}"
+                words = torch.tensor(_fence(nonce, stage, index, specs, ok), dtype=torch.int64, device=device)
+                header.copy_(words.view(torch.uint8))
+                trailer.copy_(words.view(torch.uint8))
+            dist.broadcast(buf, src=src, group=route.group)
+            if rank == src:
+                if receiver and error is None:
+                    yield bucket
+                continue
+            want = _fence(nonce, stage, index, specs, True)
+            got_head, got_tail = header.view(torch.int64).tolist(), trailer.view(torch.int64).tolist()
+            if error is None and (got_head != want or got_tail != want):
+                error = (f"stage {stage} bucket {index} from rank {src}: fences {got_head} / {got_tail}, "
+                         f"expected {want} (a missed, stale or truncated bucket)")
+            if receiver and error is None:
+                yield [(name, t) for (name, _, _), t in zip(specs, unpack_bytes(payload, payload_specs))]
+        if mine is not None and next(mine, None) is not None:
+            error = error or f"stage {stage} exported more buckets than its manifest lists"
+    if error is not None:
+        raise ValueError(f"weight broadcast on rank {rank}: {error}")

@@ -156,13 +156,16 @@ class WeightSyncError(RuntimeError):
 
 def sync_weights(model_chunks, *, groups, transport: WeightTransport | None, hf_config=None, mapping=None,
                  bucket_bytes: int = 512 << 20, destination: str = "rank0", dtype: torch.dtype | None = None,
-                 device=None, fp8: bool = False, exporting_replica: bool | None = None) -> dict[str, float]:
+                 device=None, fp8: bool = False, exporting_replica: bool | None = None,
+                 route=None) -> dict[str, float]:
     """Export the actor's weights bucket by bucket through ``transport``; every rank must call this.
 
     ``transport`` may be None on ranks that receive nothing. ``fp8``: send decoder projection weights
     block-FP8 quantised (``weights/fp8.py``) for an engine loading a block-FP8 checkpoint.
-    ``exporting_replica``: see ``export_hf_buckets``. Returns counts for logging (``weights/num_buckets``,
-    ``weights/num_bytes``) as seen by this rank.
+    ``exporting_replica``: see ``export_hf_buckets``. ``route``: a ``weights.export.StageRoute``: every
+    receiver of the route gets the whole model (``broadcast_hf_buckets``; engines on every node), and
+    ``destination``/``exporting_replica``/``device`` do not apply. Returns counts for logging
+    (``weights/num_buckets``, ``weights/num_bytes``) as seen by this rank.
 
     Failure handling: if the transport raises, this rank stops delivering but keeps draining the export
     (other ranks are inside its collectives and would otherwise hang), then all ranks agree on the outcome
@@ -170,26 +173,36 @@ def sync_weights(model_chunks, *, groups, transport: WeightTransport | None, hf_
     """
     import torch.distributed as dist
 
-    from fipo_megatron.weights.export import export_hf_buckets
+    from fipo_megatron.weights.export import broadcast_hf_buckets, export_hf_buckets
     from fipo_megatron.weights.fp8 import to_fp8_named_tensors
 
+    if route is not None:
+        buckets = broadcast_hf_buckets(model_chunks, route=route, groups=groups, hf_config=hf_config,
+                                       mapping=mapping, bucket_bytes=bucket_bytes, dtype=dtype)
+    else:
+        buckets = export_hf_buckets(model_chunks, groups=groups, hf_config=hf_config, mapping=mapping,
+                                    bucket_bytes=bucket_bytes, destination=destination, dtype=dtype, device=device,
+                                    exporting_replica=exporting_replica)
     num_buckets = num_bytes = 0
     error: BaseException | None = None
-    for bucket in export_hf_buckets(model_chunks, groups=groups, hf_config=hf_config, mapping=mapping,
-                                    bucket_bytes=bucket_bytes, destination=destination, dtype=dtype, device=device,
-                                    exporting_replica=exporting_replica):
-        num_buckets += 1
-        if error is not None:
-            continue  # drain: keep the collectives going, deliver nothing more
-        try:
-            if transport is None:
-                raise ValueError(f"rank {groups.rank} received a weight bucket but has no transport")
-            if fp8:
-                bucket = list(to_fp8_named_tensors(bucket))
-            transport.send(bucket)
-            num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-        except Exception as e:  # noqa: BLE001 - reported on every rank below
-            error = e
+    try:
+        for bucket in buckets:
+            num_buckets += 1
+            if error is not None:
+                continue  # drain: keep the collectives going, deliver nothing more
+            try:
+                if transport is None:
+                    raise ValueError(f"rank {groups.rank} received a weight bucket but has no transport")
+                if fp8:
+                    bucket = list(to_fp8_named_tensors(bucket))
+                transport.send(bucket)
+                num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            except Exception as e:  # noqa: BLE001 - reported on every rank below
+                error = e
+    except ValueError as e:
+        if route is None:
+            raise
+        error = error or e  # a receiver's check: broadcast_hf_buckets raises after its last collective
     if error is None and transport is not None and num_buckets:
         try:
             transport.finish()
