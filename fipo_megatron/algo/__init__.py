@@ -5,7 +5,9 @@
   with ``influence`` (weights, spec §4) and ``loss_metrics`` (spec §7);
 - ``advantages``: GRPO advantages (spec §6); ``rewards``: DAPO math rule, overlong shaping;
 - ``dynamic_sampling``: DAPO's group filter and generation-batch accumulator.
-The context-parallel completion of FutureKL lives in ``parallel.cp_future_kl``.
+The context-parallel completion of FutureKL lives in ``parallel.cp_future_kl``; the loss reaches it only
+through the shard it is handed (``policy_loss.ContextParallelShard``), so ``algo`` imports nothing of
+``parallel``.
 """
 
 from fipo_megatron.algo.future_kl import future_kl, gamma_from_tau

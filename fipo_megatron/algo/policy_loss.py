@@ -14,9 +14,11 @@ and the built-in losses also take ``token_tap`` (a dict, default None; see ``TOK
   the caller can make the token mean exact across micro-batches, DP and CP ranks; without it, the mean
   over this call's kept tokens (under CP: the kept tokens of the whole CP group, so the losses of the
   CP ranks add up to the unsplit loss);
-- ``cp``: a ``parallel.cp_future_kl.CPShard``: the inputs are this CP rank's zig-zag share (packed with
-  local ``cu_seqlens``, or (B, T // cp)); FutureKL gets its cross-rank carries and the per-sequence
-  invalidation counts are summed over the CP group before the ``> 1`` test;
+- ``cp``: a ``ContextParallelShard`` (``parallel.cp_future_kl.CPShard`` is the one in use): the inputs
+  are this CP rank's zig-zag share (packed with local ``cu_seqlens``, or (B, T // cp)); FutureKL gets its
+  cross-rank carries and the per-sequence invalidation counts are summed over the CP group before the
+  ``> 1`` test. The loss only calls the shard's methods, so this module imports nothing of
+  ``parallel``;
 - ``metrics``: python floats (names in ``loss_metrics``), plus ``num_tokens`` (response tokens),
   ``num_kept_tokens`` (after invalidation, this rank's share), ``num_seqs`` and ``num_dropped_seqs``
   (sequences of this call; identical on every CP rank of a group, so do not sum them over CP).
@@ -46,7 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -61,6 +63,32 @@ LOSS_AGG_MODES = ("token-mean", "token-mean-microbatch")
 #: what ``token_tap`` receives: float tensors, then boolean ones (all detached, the input's shape).
 TOKEN_TAP_FIELDS = ("delta_logp", "future_kl", "influence_weight", "advantage", "loss",
                     "response_mask", "future_kl_masked", "ppo_clipped", "dual_clipped", "kept")
+
+
+class ContextParallelShard(Protocol):
+    """What a loss needs of context parallelism: the layout of this rank's zig-zag share and the two
+    collectives that complete a per-sequence quantity over the CP group."""
+
+    cp_size: int
+
+    @property
+    def is_packed(self) -> bool:
+        """True for the packed (THD) layout, False for (B, T // cp_size) rows."""
+        ...
+
+    @property
+    def local_cu_seqlens(self) -> torch.Tensor | None:
+        """Offsets of the sequences in this rank's packed share (None for rows)."""
+        ...
+
+    def future_kl(self, x_local: torch.Tensor, *, gamma: float) -> torch.Tensor:
+        """Exact FutureKL of this rank's share of ``x`` (spec §3); collective over the CP group."""
+        ...
+
+    def sum_over_group(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the CP group (the same on every CP rank); collective."""
+        ...
+
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 _POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss")
@@ -165,7 +193,8 @@ def _check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
 
 def clipped_policy_loss(*, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                         response_mask: torch.Tensor, config: PolicyLossConfig, cu_seqlens: torch.Tensor | None = None,
-                        num_global_tokens: int | float | torch.Tensor | None = None, cp=None,
+                        num_global_tokens: int | float | torch.Tensor | None = None,
+                        cp: ContextParallelShard | None = None,
                         use_future_kl: bool, invalidate_seqs: bool, clip_ratio_high: float,
                         token_tap: dict | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The shared body of the built-in losses: dual-clip PPO on ``A * f`` (spec §5).
@@ -176,10 +205,8 @@ def clipped_policy_loss(*, log_prob: torch.Tensor, old_log_prob: torch.Tensor, a
     if cu_seqlens is None and cp is not None and cp.is_packed and log_prob.dim() == 1:
         cu_seqlens = cp.local_cu_seqlens
     _check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, cp)
-    if cp is not None and cp.cp_size > 1:
-        from fipo_megatron.parallel.cp_future_kl import future_kl_cp, sum_over_cp
-    else:
-        cp = None
+    if cp is not None and cp.cp_size == 1:
+        cp = None  # one CP rank holds whole sequences: the plain scan and counts are already complete
     c = config.clip_ratio_c
     if log_prob.dtype in (torch.float16, torch.bfloat16):
         log_prob = log_prob.float()
@@ -194,8 +221,7 @@ def clipped_policy_loss(*, log_prob: torch.Tensor, old_log_prob: torch.Tensor, a
     if use_future_kl:
         with torch.no_grad():
             x = torch.where(mask & (ratio_d <= c), log_ratio.detach(), 0)  # spec §2: x = d * mask * M
-            fkl = future_kl_cp(x, gamma=config.gamma, shard=cp) if cp is not None else \
-                future_kl(x, config.gamma, cu_seqlens)
+            fkl = cp.future_kl(x, gamma=config.gamma) if cp is not None else future_kl(x, config.gamma, cu_seqlens)
             weights, raw = influence_weights(future_kl=fkl, ratio=ratio_d, advantages=advantages,
                                              clip_ratio=config.future_kl_clip_ratio,
                                              clip_high_only=config.future_kl_clip_high_only,
@@ -223,14 +249,14 @@ def clipped_policy_loss(*, log_prob: torch.Tensor, old_log_prob: torch.Tensor, a
                 counts = torch.zeros(num_seqs, dtype=torch.long, device=log_prob.device).index_add_(
                     0, seq_ids, dual_clipped.long())
             if cp is not None:
-                counts = sum_over_cp(counts, cp)
+                counts = cp.sum_over_group(counts)
             dropped = counts > 1
             keep = mask & ~(dropped[:, None] if seq_ids is None else dropped[seq_ids])
         else:
             dropped = torch.zeros(num_seqs, dtype=torch.bool, device=log_prob.device)
             keep = mask
         num_kept = keep.sum()
-        num_kept_group = sum_over_cp(num_kept, cp) if cp is not None else num_kept
+        num_kept_group = cp.sum_over_group(num_kept) if cp is not None else num_kept
 
     loss_sum = torch.where(keep, loss_tok, 0).sum()
     if config.loss_agg_mode == "token-mean" and num_global_tokens is not None:
@@ -254,8 +280,7 @@ def clipped_policy_loss(*, log_prob: torch.Tensor, old_log_prob: torch.Tensor, a
         if token_tap is not None:
             if not use_future_kl:  # for the records only: what FIPO would weight these tokens by
                 x = torch.where(mask & (ratio_d <= c), log_ratio.detach(), 0)
-                fkl = future_kl_cp(x, gamma=config.gamma, shard=cp) if cp is not None else \
-                    future_kl(x, config.gamma, cu_seqlens)
+                fkl = cp.future_kl(x, gamma=config.gamma) if cp is not None else future_kl(x, config.gamma, cu_seqlens)
                 weights = torch.ones_like(ratio_d)
             token_tap.update(delta_logp=log_ratio.detach(), future_kl=fkl.to(ratio_d.dtype), influence_weight=weights,
                              advantage=advantages, loss=loss_tok.detach(), response_mask=mask,

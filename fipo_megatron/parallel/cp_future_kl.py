@@ -81,7 +81,18 @@ class CPShard:
 
     @property
     def is_packed(self) -> bool:
+        """True for the packed (THD) layout, False for (B, T // cp_size) rows."""
         return self.cu_seqlens is not None
+
+    # What the policy loss calls (``algo.policy_loss.ContextParallelShard``): the loss stays free of any
+    # process-group code.
+    def future_kl(self, x_local: torch.Tensor, *, gamma: float) -> torch.Tensor:
+        """``future_kl_cp`` of this shard."""
+        return future_kl_cp(x_local, gamma=gamma, shard=self)
+
+    def sum_over_group(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``sum_over_cp`` over this shard's CP group."""
+        return sum_over_cp(tensor, self)
 
 
 def sum_over_cp(per_sequence: torch.Tensor, shard: CPShard) -> torch.Tensor:

@@ -1,0 +1,44 @@
+"""The package's subpackages import each other without a cycle, and the algorithm stays pure: ``algo``
+imports nothing of ``parallel``, ``models``, ``actor`` or Megatron (tools/import_graph.py reads the
+source with ``ast``)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("import_graph", os.path.join(REPO, "tools", "import_graph.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_no_cycle_between_subpackages():
+    tool = _tool()
+    graph = tool.import_graph(REPO)
+    assert "algo" in graph["actor"] and "parallel" in graph["actor"]   # the graph is read, not empty
+    assert tool.cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_cycles():
+    tool = _tool()
+    graph = {"a": {"b": set()}, "b": {"c": set()}, "c": {"a": set()}, "d": {"a": set()}}
+    assert tool.cycles(graph) == [["a", "b", "c"]]
+
+
+def test_algo_imports_no_parallel_state():
+    graph = _tool().import_graph(REPO)
+    assert set(graph.get("algo", {})) <= {"log.py"}, dict(graph.get("algo", {}))
+    for root, _, files in os.walk(os.path.join(REPO, "fipo_megatron", "algo")):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(root, name)) as f:
+                    tree = ast.parse(f.read())
+                imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+                imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+                assert not [m for m in imported if m.startswith("megatron")], name
