@@ -6,7 +6,7 @@ broadcasts it; the actor picks its data-parallel share, packs it, and splits it 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -46,7 +46,6 @@ class TrainBatch:
     samples: list[Sample]
     num_responses_per_prompt: int
     temperature: float = 1.0
-    meta: dict = field(default_factory=dict)
 
     def to_wire(self) -> tuple:
         """This batch as the other ranks receive it (``from_wire`` rebuilds it): token ids as int32 arrays,
@@ -54,12 +53,12 @@ class TrainBatch:
         rank's copy of a 20k-token x 8192-response batch small and cheap to pickle."""
         rows = [(np.asarray(s.prompt_ids, np.int32), np.asarray(s.response_ids, np.int32),
                  s.advantage, s.group_id, s.reward, s.finish_reason) for s in self.samples]
-        return rows, self.num_responses_per_prompt, self.temperature, self.meta
+        return rows, self.num_responses_per_prompt, self.temperature
 
     @classmethod
     def from_wire(cls, payload: tuple) -> TrainBatch:
         """The batch ``to_wire`` described (``rollout_log_probs`` is None on every sample)."""
-        rows, n, temperature, meta = payload
+        rows, n, temperature = payload
         samples = [Sample(prompt_ids=p.tolist(), response_ids=r.tolist(), advantage=a, group_id=g, reward=rw,
                           finish_reason=fr) for p, r, a, g, rw, fr in rows]
-        return cls(samples=samples, num_responses_per_prompt=n, temperature=temperature, meta=meta)
+        return cls(samples=samples, num_responses_per_prompt=n, temperature=temperature)

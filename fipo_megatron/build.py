@@ -126,9 +126,9 @@ def resolve_score_fn(cfg: FipoConfig) -> tuple[Callable[..., Any], float]:
         return synthetic_score, 0.0
     if name == "math_verify":
         return math_verify_score, -1.0
-    from fipo_megatron.algo.rewards import get_reward_fn
+    from fipo_megatron.algo.rewards import get_reward
 
-    return get_reward_fn(name), -1.0
+    return get_reward(name), -1.0
 
 
 def _load_prompts(cfg: FipoConfig, tokenizer, *, files: list[str], synthetic_rows: int, seed: int) -> PromptDataset:

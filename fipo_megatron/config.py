@@ -185,10 +185,10 @@ class RewardConfig:
         if not self.batch_timeout_s > 0:
             raise ValueError(f"batch_timeout_s must be > 0, got {self.batch_timeout_s}")
         if self.reward_fn not in ("auto", "synthetic", "math_verify"):
-            from fipo_megatron.algo.rewards import get_reward_fn
+            from fipo_megatron.algo.rewards import get_reward
 
             try:
-                get_reward_fn(self.reward_fn)
+                get_reward(self.reward_fn)
             except (KeyError, ValueError) as exc:
                 raise ValueError(f"reward_fn {self.reward_fn!r} is not registered ({exc})") from None
 
@@ -247,9 +247,9 @@ class CheckpointConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class LoggingConfig:
-    """Metrics go to ``<run_dir>/metrics.jsonl`` always; TensorBoard and wandb when enabled.
-    ``mismatch_interval``: how often to compare the actor's log-probs with the engine's (``rollout/logprob_*``);
-    it costs one forward pass unless the actor exposes its old log-probs (then it is logged every step).
+    """Metrics go to ``<run_dir>/metrics.jsonl`` always; TensorBoard and wandb when enabled. The
+    train/rollout mismatch (``rollout/logprob_*``) is logged every step: it compares the engine's log-probs
+    with the old log-probs the actor recomputes anyway.
     ``token_records_interval``: every N steps write per-token records of ``token_records_samples`` responses
     of the last mini-batch to ``<run_dir>/token_records.jsonl`` (``token_records.py``; 0 = never, the
     default: each record holds ~10 numbers per token)."""
@@ -259,13 +259,10 @@ class LoggingConfig:
     wandb_project: str = "fipo_megatron"
     wandb_run_name: str | None = None
     progress_bar: bool = True
-    mismatch_interval: int = 10   # train/rollout log-prob mismatch every N steps (0 = never)
     token_records_interval: int = 0   # per-token records every N steps (0 = never)
     token_records_samples: int = 4    # responses per recorded step
 
     def __post_init__(self):
-        if self.mismatch_interval < 0:
-            raise ValueError(f"mismatch_interval must be >= 0, got {self.mismatch_interval}")
         if self.token_records_interval < 0:
             raise ValueError(f"token_records_interval must be >= 0 (0 = never), got {self.token_records_interval}")
         if self.token_records_samples < 1:

@@ -7,7 +7,7 @@ import torch
 from fipo_megatron.algo.advantages import get_advantage, register_advantage
 from fipo_megatron.algo.dynamic_sampling import GroupAccumulator, group_is_informative, keep_informative_groups
 from fipo_megatron.algo.registry import UnknownNameError
-from fipo_megatron.algo.rewards import get_reward, get_reward_fn, overlong_penalty, register_reward
+from fipo_megatron.algo.rewards import get_reward, overlong_penalty, register_reward
 from fipo_megatron.algo.rewards.dapo_math import extract_answer, last_boxed, normalize_final_answer
 
 
@@ -65,7 +65,7 @@ def test_dapo_math_rule(response, truth, correct):
 
 
 def test_dapo_math_strict_box_and_helpers():
-    fn = get_reward_fn("dapo_math")
+    fn = get_reward("dapo_math")
     assert fn(response_text="... so \\boxed{\\frac{1}{2}}", ground_truth="\\frac{1}{2}", strict_box=True)["acc"]
     assert not fn(response_text="\\boxed{12} and later text" + " " * 120, ground_truth="12", strict_box=True)["acc"]
     assert fn(response_text="Answer: 7", ground_truth="Sum is \\boxed{7}.", ground_truth_boxed=True)["acc"]

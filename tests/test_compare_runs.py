@@ -26,7 +26,7 @@ def _train(config: str, run_dir, base, extra=()):
                  "data.gen_batch_size=4", "rollout.n=4", "actor.ppo_mini_batch_size=2", "rollout.val_n=1",
                  "algorithm.filter_groups.enable=false", "trainer.total_training_steps=2", "trainer.val_interval=2",
                  "trainer.val_before_train=false", "logging.token_records_interval=1",
-                 "logging.token_records_samples=2", "logging.mismatch_interval=1", *extra]
+                 "logging.token_records_samples=2", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     proc = subprocess.run([sys.executable, "-m", "fipo_megatron", "--config", os.path.join(REPO, "examples", "configs", config),
                            *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=500)

@@ -20,7 +20,7 @@ SMALL = ["data.train_batch_size=4", "data.gen_batch_size=4", "rollout.n=4", "act
          "data.max_response_length=4", "reward.overlong_buffer.len=1", "trainer.total_training_steps=4",
          "checkpoint.save_interval=2", "trainer.val_interval=0", "trainer.val_before_train=false",
          "logging.tensorboard=false", "logging.progress_bar=false", "algorithm.filter_groups.max_num_gen_batches=4",
-         "parallel.tp=2", "logging.mismatch_interval=2"]
+         "parallel.tp=2"]
 
 
 def _train(rank, world_size, run_dir, kill_at_step, fail_at_step=None):
@@ -93,7 +93,7 @@ def test_train_kill_resume_matches_uninterrupted(tmp_path):
         assert 0.0 <= r["reward/acc"] <= 1.0 and r["num_gen_batches"] >= 1
     # weight sync: on steps 2 and 4 the engine sampled with weights synced after the previous update; its
     # log-probs match the actor's recomputation (fp32 on both sides) to float rounding
-    # (every step when the actor keeps its old log-probs, else every logging.mismatch_interval = 2 steps)
+    # (every step: the actor keeps the old log-probs it recomputed)
     assert {2, 4} <= {r["step"] for r in rows if "rollout/logprob_abs_diff_max" in r}
     assert all(r["rollout/logprob_abs_diff_max"] < 1e-4 for r in rows if "rollout/logprob_abs_diff_max" in r)
     # FutureKL: the first mini-batch of a step has d = 0, so f = 1 exactly; later ones move it (spec §1)

@@ -146,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     elif reward == "math_verify":
         score_fn, wrong = math_verify_score, -1.0
     else:
-        from fipo_megatron.algo.rewards import get_reward_fn
+        from fipo_megatron.algo.rewards import get_reward
 
-        score_fn, wrong = get_reward_fn(reward), -1.0
+        score_fn, wrong = get_reward(reward), -1.0
     runner = ScoreRunner(score_fn=score_fn, timeout_s=args.timeout, wrong_score=wrong)
     engine = get_engine(args.engine, model_path=args.model, **json.loads(args.engine_kwargs))
     stop = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []

@@ -73,14 +73,13 @@ class ParallelConfig:
 
 def validate_layout(config: ParallelConfig, *, world_size: int, num_attention_heads: int | None = None,
                     num_query_groups: int | None = None, num_layers: int | None = None,
-                    vocab_size: int | None = None, seq_length: int | None = None,
+                    seq_length: int | None = None,
                     on_cpu: bool | None = None) -> int:
     """Check that ``config`` fits the job and the model; return the data-parallel size.
 
     Raises ``ValueError`` naming the offending numbers, before any group or model exists.
     ``seq_length`` (optional) is checked against the CP/SP padding rule (:meth:`ParallelConfig.seq_multiple`).
-    ``vocab_size`` is not checked for divisibility: ``models.hf_config`` pads the vocabulary to a multiple
-    of tp. ``on_cpu`` defaults to "CUDA is not available" and rejects the GPU-only features.
+    The vocabulary needs no check: ``models.hf_config`` pads it to a multiple of tp. ``on_cpu`` defaults to "CUDA is not available" and rejects the GPU-only features.
     """
     c = config
     mp = c.model_parallel_size
@@ -107,7 +106,6 @@ def validate_layout(config: ParallelConfig, *, world_size: int, num_attention_he
         raise ValueError("ParallelConfig.sequence_parallel is GPU-only in megatron-core; set it False on CPU")
     if on_cpu and c.use_distributed_optimizer:
         raise ValueError("ParallelConfig.use_distributed_optimizer is GPU-only in megatron-core; set it False on CPU")
-    del vocab_size
     return world_size // mp
 
 

@@ -20,7 +20,7 @@ With temperature 0 (greedy) the log-probs are of ``log_softmax(logits)``.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Protocol, runtime_checkable
 
 import torch
@@ -82,7 +82,6 @@ class RolloutOutput:
     log_probs: list[float]
     finish_reason: FinishReason
     prompt_index: int = 0
-    meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if len(self.token_ids) != len(self.log_probs):

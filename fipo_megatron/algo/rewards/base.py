@@ -27,4 +27,3 @@ def get_reward(name: str) -> RewardFn:
     return _REWARDS.get(name)
 
 
-get_reward_fn = get_reward  # the name build.py imports
