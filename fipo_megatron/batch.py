@@ -18,7 +18,7 @@ class Sample:
     ``prompt_ids`` and ``response_ids`` are token ids; the response ends at EOS or at the length limit
     (nothing after EOS is included). ``advantage`` is the GRPO advantage broadcast to every response
     token. ``rollout_log_probs`` are the engine's per-token log-probs of ``response_ids`` (used only for
-    the train/rollout mismatch metric: the actor recomputes old log-probs itself, spec §1).
+    the train/rollout mismatch metric: the actor recomputes old log-probs itself, docs/algorithm.md §1).
     """
 
     prompt_ids: list[int]

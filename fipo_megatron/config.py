@@ -150,7 +150,7 @@ class RolloutConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OverlongBufferConfig:
-    """DAPO overlong shaping (spec §6): penalty ``min(-(len - (L - len_buf)) / len_buf * factor, 0)``."""
+    """DAPO overlong shaping (docs/algorithm.md §6): penalty ``min(-(len - (L - len_buf)) / len_buf * factor, 0)``."""
 
     enable: bool = True
     len: int = 4096

@@ -5,7 +5,7 @@ picks ``logging.token_records_samples`` responses of the step's *last* mini-batc
 advantage, half with a negative one when both exist), the actor taps the policy loss on that mini-batch
 (``actor.step.TokenCapture``: nothing is tapped on other steps), and rank 0 appends one JSON line per
 response to ``<run_dir>/token_records.jsonl``. The last mini-batch is where FIPO's signal is largest: its
-``delta_logp`` is how far the step's earlier mini-batches moved each token's log-prob (spec §1: on the
+``delta_logp`` is how far the step's earlier mini-batches moved each token's log-prob (docs/algorithm.md §1: on the
 first mini-batch it is 0 and FutureKL with it).
 
 Format (``format: "fipo_megatron.token_records/1"``), one object per line:

@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node 2 -m fipo_megatron --config examples/configs/tiny_cpu.yaml trainer.run_dir=runs/x
 
-One step, as the spec reads (``Trainer.train_step``), with the module that owns each part:
+One step of the algorithm (docs/algorithm.md) as ``Trainer.train_step`` runs it, with the owner of each part:
 
     1. rollout     rank 0 samples ``rollout.n`` responses per prompt with the engine (``rollout/phase.py``);
     2. reward      rule score (each call under a timeout) + DAPO overlong shaping (``rollout/experience.py``);
@@ -13,7 +13,7 @@ One step, as the spec reads (``Trainer.train_step``), with the module that owns 
     4. advantages  GRPO per group (``algo/advantages.py``); the batch is broadcast to every rank
                    (``TrainBatch.to_wire``);
     5. update      ``actor.update``: old log-probs recomputed by the actor, then one FIPO optimizer step per
-                   mini-batch (the FutureKL signal exists from the 2nd mini-batch on, spec §1; ``actor/``);
+                   mini-batch (FutureKL acts from the 2nd mini-batch on, docs/algorithm.md §1; ``actor/``);
     6. sync        Megatron shards -> HF tensors in buckets -> the engine's transport (``weights/``);
     7. log / save  metrics.jsonl (+ TensorBoard/wandb), per-token records every ``logging.token_records_interval``
                    steps (``token_records.py``) and, every ``checkpoint.save_interval`` steps, an

@@ -197,7 +197,7 @@ def test_single_process_matches_transformers_and_moves(setup, reference):
         before = {canonical_name(n): t for n, t in fulls[family].items()}
         moved = max(float((v - before[n][:v.shape[0]]).abs().max()) for n, v in reference[family]["after"].items())
         assert moved > 1e-4, "the update did not change the weights"
-        # the old log-probs the update recomputed are those of the weights before it (spec §1)
+        # the old log-probs the update recomputed are those of the weights before it (docs/algorithm.md §1)
         for a, b in zip(reference[family]["old"], reference[family]["logp"]):
             assert torch.equal(a, b)
         m = reference[family]["metrics"]

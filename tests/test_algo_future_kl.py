@@ -1,4 +1,4 @@
-"""FutureKL (spec §3) against a float64 per-token recurrence written here from the spec."""
+"""FutureKL (docs/algorithm.md §3) against a float64 per-token recurrence written here from docs/algorithm.md."""
 
 import math
 

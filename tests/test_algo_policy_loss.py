@@ -1,4 +1,4 @@
-"""Policy losses (spec §1-5) against a per-token float64 reference written here from the spec."""
+"""Policy losses (docs/algorithm.md §1-5) against a per-token float64 reference written here from docs/algorithm.md."""
 
 import math
 
@@ -17,7 +17,7 @@ CONFIGS = {
 
 
 def make_sequences(seed=0):
-    """Sequences as python lists: (prompt_len, logp, old, adv, mask) with every edge the spec names."""
+    """Sequences as python lists: (prompt_len, logp, old, adv, mask) with every edge docs/algorithm.md names."""
     rng = np.random.default_rng(seed)
     specs = [  # (prompt tokens, response tokens, advantage)
         (3, 30, 1.3), (2, 0, 0.7), (1, 1, -0.9), (4, 25, -1.1), (2, 28, -0.6), (0, 17, 0.8), (5, 22, -1.7),

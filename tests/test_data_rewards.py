@@ -1,5 +1,5 @@
 """Reward wiring: per-call timeout and error handling, overlong shaping per response, group filter and
-GRPO advantages of the batch (checked against a float64 re-computation from spec §6), batch broadcast
+GRPO advantages of the batch (checked against a float64 re-computation from docs/algorithm.md §6), batch broadcast
 packing."""
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def test_score_filter_advantages():
     for gid, g in enumerate(groups[:2]):
         r = g.rewards
         mean = sum(r) / 4
-        std = (sum((x - mean) ** 2 for x in r) / 3) ** 0.5   # unbiased, spec §6
+        std = (sum((x - mean) ** 2 for x in r) / 3) ** 0.5   # unbiased, docs/algorithm.md §6
         for i in range(4):
             s = batch.samples[gid * 4 + i]
             assert s.group_id == gid and s.reward == r[i]

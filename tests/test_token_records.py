@@ -1,7 +1,7 @@
 """Per-token records: the policy loss's token tap, the actor's capture on the last mini-batch, the record format.
 
 - The tap changes nothing (loss, metrics and gradient bit-identical with and without it) and its values
-  equal a float64 re-computation from the spec written here (FutureKL by the recurrence, per sequence).
+  equal a float64 re-computation from docs/algorithm.md written here (FutureKL by the recurrence, per sequence).
 - The actor's capture: weights and metrics bit-identical with and without records; the tapped Δlog p of the
   last mini-batch equals the log-probs of a second actor trained on the earlier mini-batches only, minus the
   old log-probs; under context parallelism (2 gloo ranks) the taps equal the single-process ones.

@@ -96,7 +96,7 @@ def test_train_kill_resume_matches_uninterrupted(tmp_path):
     # (every step: the actor keeps the old log-probs it recomputed)
     assert {2, 4} <= {r["step"] for r in rows if "rollout/logprob_abs_diff_max" in r}
     assert all(r["rollout/logprob_abs_diff_max"] < 1e-4 for r in rows if "rollout/logprob_abs_diff_max" in r)
-    # FutureKL: the first mini-batch of a step has d = 0, so f = 1 exactly; later ones move it (spec §1)
+    # FutureKL: the first mini-batch of a step has d = 0, so f = 1 exactly; later ones move it (docs/algorithm.md §1)
     mbs = ref[0]["minibatches"]
     assert all(s[0]["influence_weights_min"] == 1.0 == s[0]["influence_weights_max"] for s in mbs)
     later = [m for s in mbs for m in s[1:]]

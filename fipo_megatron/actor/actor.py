@@ -5,7 +5,7 @@
     actor.load_hf_weights(hf_dir)
     metrics = actor.update(batch)          # old log-probs, then one optimizer step per mini-batch
 
-One training step (``update``), spec §1-5:
+One training step (``update``), docs/algorithm.md §1-5:
 1. old log-probs of every response, recomputed by the actor itself (no grad, Megatron's forward-only
    schedule, so PP works), broadcast to every rank;
 2. for each mini-batch of ``ppo_mini_batch_size * n`` samples: this DP rank's share (balanced by tokens),

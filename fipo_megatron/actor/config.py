@@ -15,7 +15,7 @@ FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ActorConfig:
-    """Actor settings. Defaults are the FIPO 32B recipe's optimiser (spec §6).
+    """Actor settings. Defaults are the FIPO 32B recipe's optimiser (docs/algorithm.md §6).
 
     Fields:
         ppo_mini_batch_size: prompts per optimizer step; a mini-batch is ``ppo_mini_batch_size * n``

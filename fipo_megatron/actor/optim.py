@@ -4,7 +4,7 @@
   chunk (bucketing only on the first chunk, as Megatron-LM does for interleaved pipelines).
 - The loss is reported to Megatron *per token* (``calculate_per_token_loss``): DDP then sums gradients
   over DP x CP instead of averaging, and ``finalize_model_grads`` divides by the all-reduced token count
-  the loss function returned. That is exactly the global token mean of spec §5 (see ``actor/step.py``).
+  the loss function returned. That is exactly the global token mean of docs/algorithm.md §5 (see ``actor/step.py``).
 - Optimizer: ``get_megatron_optimizer`` (Adam with decoupled weight decay, global grad-norm clipping,
   fp32 main weights for bf16 parameters, the distributed optimizer when asked on GPU).
 - Schedule: ``OptimizerParamScheduler``, linear warm-up from 0 to ``lr`` over ``lr_warmup_steps`` optimizer

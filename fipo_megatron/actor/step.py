@@ -1,6 +1,6 @@
 """One pass of packed micro-batches through Megatron's pipeline schedule, and the reductions around it.
 
-Exact token mean (spec §5, the default "token-mean"): the loss function hands Megatron the *sum* of the
+Exact token mean (docs/algorithm.md §5, the default "token-mean"): the loss function hands Megatron the *sum* of the
 per-token loss over this micro-batch's kept tokens together with their count (``calculate_per_token_loss``
 mode). Megatron's DDP then sums gradients over DP x CP, and ``finalize_model_grads`` all-reduces the
 counts (broadcast from the last pipeline stage, summed over DP x CP) and divides every gradient by the

@@ -1,9 +1,9 @@
 """The RL algorithm as pure torch (no Megatron import), tested on CPU against float64 references.
 
-- ``future_kl``: FutureKL, the discounted future sum of the log-ratio, O(B*T) (spec §3);
-- ``policy_loss``: ``PolicyLossConfig`` and the registered losses "fipo", "dapo", "grpo" (spec §1-5),
-  with ``influence`` (weights, spec §4) and ``loss_metrics`` (spec §7);
-- ``advantages``: GRPO advantages (spec §6); ``rewards``: DAPO math rule, overlong shaping;
+- ``future_kl``: FutureKL, the discounted future sum of the log-ratio, O(B*T) (docs/algorithm.md §3);
+- ``policy_loss``: ``PolicyLossConfig`` and the registered losses "fipo", "dapo", "grpo" (docs/algorithm.md §1-5),
+  with ``influence`` (weights, docs/algorithm.md §4) and ``loss_metrics`` (docs/algorithm.md §7);
+- ``advantages``: GRPO advantages (docs/algorithm.md §6); ``rewards``: DAPO math rule, overlong shaping;
 - ``dynamic_sampling``: DAPO's group filter and generation-batch accumulator.
 The context-parallel completion of FutureKL lives in ``parallel.cp_future_kl``; the loss reaches it only
 through the shard it is handed (``policy_loss.ContextParallelShard``), so ``algo`` imports nothing of

@@ -1,4 +1,4 @@
-"""Outcome advantages per response (spec §6), behind a registry.
+"""Outcome advantages per response (docs/algorithm.md §6), behind a registry.
 
 An advantage fn is ``fn(*, rewards, group_ids, **options) -> Tensor`` with one value per response;
 ``group_ids`` says which prompt each response answers (any hashable ints; groups need not be

@@ -1,4 +1,4 @@
-"""DAPO dynamic sampling (spec §6, "filter_groups"): pure bookkeeping, no engine calls.
+"""DAPO dynamic sampling (docs/algorithm.md §6, "filter_groups"): pure bookkeeping, no engine calls.
 
     acc = GroupAccumulator(target_num_groups=512, max_num_gen_batches=10)
     while acc.should_generate_more():
@@ -93,9 +93,9 @@ class GroupAccumulator(Generic[T]):
             out = self._groups[:self.target_num_groups]
         elif on_exhausted == "raise":
             raise RuntimeError(f"dynamic sampling: only {len(self._groups)} of {self.target_num_groups} prompts have "
-                               f"mixed rewards after {self.num_gen_batches} generation batches (algorithm.filter_groups."
-                               f"max_num_gen_batches={self.max_num_gen_batches}); the data may be too easy or too hard "
-                               "for the policy")
+                               f"mixed rewards after {self.num_gen_batches} generation batches "
+                               f"(algorithm.filter_groups.max_num_gen_batches={self.max_num_gen_batches}); the data "
+                               "may be too easy or too hard for the policy")
         else:
             out = self._groups[:len(self._groups) // whole_multiple_of * whole_multiple_of]
         self._groups, self.num_gen_batches, self.num_seen_groups = [], 0, 0

@@ -1,4 +1,4 @@
-"""FutureKL: the discounted future sum of the per-token log-ratio (spec §3), exact in O(B*T) work.
+"""FutureKL: the discounted future sum of the per-token log-ratio (docs/algorithm.md §3), exact in O(B*T) work.
 
     F_t = sum_{k >= t} gamma^(k - t) * x_k        (to the end of the row / sequence, k = t included)
 
@@ -170,7 +170,7 @@ def future_kl(x: torch.Tensor, gamma: float, cu_seqlens: torch.Tensor | None = N
 def segment_scan(x: torch.Tensor, gamma: float, cu_seqlens: torch.Tensor | None = None, *,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, compute_dtype: torch.dtype | None = torch.float64
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local scan of independent segments for the context-parallel split (spec §3).
+    """Local scan of independent segments for the context-parallel split (docs/algorithm.md §3).
 
     Returns ``(F_loc, S)``: ``F_loc`` = :func:`future_kl` of each segment (summed to the segment's end
     only) and ``S`` its total ``F_loc`` at the segment's first token, one value per row (B,) or per

@@ -1,4 +1,4 @@
-"""FIPO influence weights from FutureKL (spec §4). Detached: no gradient flows through them."""
+"""FIPO influence weights from FutureKL (docs/algorithm.md §4). Detached: no gradient flows through them."""
 
 from __future__ import annotations
 

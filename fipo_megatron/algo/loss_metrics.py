@@ -1,4 +1,4 @@
-"""Diagnostics of the policy loss (spec §7 names, without ``actor/``), computed with one host sync.
+"""Diagnostics of the policy loss (docs/algorithm.md §7 names, without ``actor/``), computed with one host sync.
 
 Definitions follow the released FIPO loss (``future_kl`` mode): every rate is a mean over the
 response tokens (``response_mask``, before sequence invalidation); quantiles use linear interpolation

@@ -1,4 +1,4 @@
-"""Policy losses: FIPO (spec §1-5), DAPO and GRPO, behind a registry of named functions.
+"""Policy losses: FIPO (docs/algorithm.md §1-5), DAPO and GRPO, behind a registry of named functions.
 
 Every loss has the signature
 
@@ -57,7 +57,7 @@ from fipo_megatron.algo.influence import influence_bounds, influence_weights
 from fipo_megatron.algo.loss_metrics import influence_metrics, masked_mean, masked_rate, ratio_metrics, to_floats
 from fipo_megatron.algo.registry import Registry
 
-#: the log-ratio is clamped to this range before exp (spec §1).
+#: the log-ratio is clamped to this range before exp (docs/algorithm.md §1).
 LOG_RATIO_CLAMP = 20.0
 LOSS_AGG_MODES = ("token-mean", "token-mean-microbatch")
 #: what ``token_tap`` receives: float tensors, then boolean ones (all detached, the input's shape).
@@ -82,7 +82,7 @@ class ContextParallelShard(Protocol):
         ...
 
     def future_kl(self, x_local: torch.Tensor, *, gamma: float) -> torch.Tensor:
-        """Exact FutureKL of this rank's share of ``x`` (spec §3); collective over the CP group."""
+        """Exact FutureKL of this rank's share of ``x`` (docs/algorithm.md §3); collective over the CP group."""
         ...
 
     def sum_over_group(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -197,7 +197,7 @@ def clipped_policy_loss(*, log_prob: torch.Tensor, old_log_prob: torch.Tensor, a
                         cp: ContextParallelShard | None = None,
                         use_future_kl: bool, invalidate_seqs: bool, clip_ratio_high: float,
                         token_tap: dict | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The shared body of the built-in losses: dual-clip PPO on ``A * f`` (spec §5).
+    """The shared body of the built-in losses: dual-clip PPO on ``A * f`` (docs/algorithm.md §5).
 
     ``use_future_kl``: f from FutureKL (FIPO) or f = 1; ``invalidate_seqs``: drop responses with more
     than one dual-clipped negative-advantage token; ``clip_ratio_high``: the upper PPO clip.
@@ -220,7 +220,7 @@ def clipped_policy_loss(*, log_prob: torch.Tensor, old_log_prob: torch.Tensor, a
     metrics: dict[str, torch.Tensor | float] = {}
     if use_future_kl:
         with torch.no_grad():
-            x = torch.where(mask & (ratio_d <= c), log_ratio.detach(), 0)  # spec §2: x = d * mask * M
+            x = torch.where(mask & (ratio_d <= c), log_ratio.detach(), 0)  # docs/algorithm.md §2: x = d * mask * M
             fkl = cp.future_kl(x, gamma=config.gamma) if cp is not None else future_kl(x, config.gamma, cu_seqlens)
             weights, raw = influence_weights(future_kl=fkl, ratio=ratio_d, advantages=advantages,
                                              clip_ratio=config.future_kl_clip_ratio,
@@ -292,7 +292,7 @@ def clipped_policy_loss(*, log_prob: torch.Tensor, old_log_prob: torch.Tensor, a
 @register_policy_loss("fipo")
 def fipo_policy_loss(*, log_prob, old_log_prob, advantages, response_mask, config, cu_seqlens=None,
                      num_global_tokens=None, cp=None, token_tap=None):
-    """FIPO (spec §1-5): dual-clip PPO on ``A * f``, f from the clamped exp(FutureKL), with invalidation."""
+    """FIPO (docs/algorithm.md §1-5): dual-clip PPO on ``A * f``, f from the clamped exp(FutureKL), with invalidation."""
     return clipped_policy_loss(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages,
                                response_mask=response_mask, config=config, cu_seqlens=cu_seqlens,
                                num_global_tokens=num_global_tokens, cp=cp, token_tap=token_tap, use_future_kl=True,
@@ -305,7 +305,7 @@ def dapo_policy_loss(*, log_prob, old_log_prob, advantages, response_mask, confi
     """DAPO: FIPO with f = 1 (clip-higher, dual clip, the same sequence invalidation), no FutureKL.
 
     Keeping the invalidation makes "fipo" and "dapo" differ only by FutureKL: equal on the first
-    mini-batch of a step (spec §1).
+    mini-batch of a step (docs/algorithm.md §1).
     """
     return clipped_policy_loss(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages,
                                response_mask=response_mask, config=config, cu_seqlens=cu_seqlens,

@@ -1,4 +1,4 @@
-"""FutureKL across context-parallel ranks with 2*CP scalars per sequence (spec §3, "Split across CP ranks").
+"""FutureKL across context-parallel ranks with 2*CP scalars per sequence (docs/algorithm.md §3.1).
 
 Megatron's load-balanced layout (``parallel/cp_layout.py``) cuts every sequence (padded to a multiple of
 ``2*CP``) into ``2*CP`` chunks of ``c`` tokens; rank ``r`` holds chunks ``r`` and ``2CP-1-r``. FutureKL
@@ -123,7 +123,8 @@ def _local_carries(gathered_PS2: torch.Tensor, decay_S: torch.Tensor, shard: CPS
 
 
 def future_kl_cp(x_local: torch.Tensor, *, gamma: float, shard: CPShard) -> torch.Tensor:
-    """Exact FutureKL of this CP rank's zig-zag share (spec §3), one all-gather of 2*CP scalars per sequence.
+    """Exact FutureKL of this CP rank's zig-zag share (docs/algorithm.md §3.1), one all-gather of 2*CP scalars
+    per sequence.
 
     Args:
         x_local: this rank's share of ``x = d * mask * M``: 1-D packed (offsets ``shard.local_cu_seqlens``)

@@ -46,7 +46,7 @@ _PROXIED_MODULES = tuple(f"megatron.core.{m}" for m in (
     "distributed.distributed_data_parallel", "distributed.param_and_grad_buffer", "distributed.finalize_model_grads",
     "optimizer.optimizer", "optimizer.distrib_optimizer", "optimizer.grad_scaler", "optimizer.clip_grads", "utils",
     # dist_checkpointing's torch_dist save: torch.cuda.synchronize() after the (no-op) D2H copy, and a
-    # failure flag allocated on torch.cuda.current_device() (added by engineer C for checkpoint/dist_ckpt.py).
+    # failure flag allocated on torch.cuda.current_device() (reached from checkpoint/dist_ckpt.py).
     "dist_checkpointing.strategies.filesystem_async", "dist_checkpointing.strategies.state_dict_saver",
 ))
 

@@ -1,7 +1,7 @@
 """The rollout protocol: what the trainer asks of any generation engine, and the engine registry.
 
 Every engine (SGLang, vLLM, the embedded transformers engine) implements ``RolloutEngine``. The trainer
-only ever calls these methods, so engines swap behind one small surface (design principle 9):
+only ever calls these methods, so engines swap behind one small surface:
 
     engine = get_engine("auto", hf_config=cfg)          # sglang on CUDA if importable, else vllm, else embedded
     engine = get_engine("sglang", model_path=p, tp_size=4, num_engines=2)   # two replicas (rollout/multi.py)

@@ -1,6 +1,6 @@
 """Train/rollout mismatch: how far the engine's log-probs are from the actor's recomputed old log-probs.
 
-The actor recomputes ``old_logp`` itself (spec §1), so a mismatch never changes the loss; it is a health
+The actor recomputes ``old_logp`` itself (docs/algorithm.md §1), so a mismatch never changes the loss; it is a health
 metric. A large value after a weight sync points at a sync bug (wrong tensor, stale KV cache, wrong
 temperature convention) or at precision differences (BF16/FP8 engine vs FP32 logits in the actor).
 """

@@ -7,7 +7,7 @@
 
 Variants, all on the same fp32 input ``x`` (B, L) (log-ratio-like values, N(0, 0.05^2) with a few
 large entries):
-- ``released``: the method of the released FIPO loss, re-implemented here from the spec's description:
+- ``released``: the method of the released FIPO loss, re-implemented here from its description in docs/algorithm.md §3:
   for each block of 128 future positions, an (L x 128) decay matrix ``gamma^(j - i) * [j >= i]`` is
   formed and multiplied in: O(B*L^2) flops and O(L^2) ``pow`` calls;
 - ``ours``: ``fipo_megatron.algo.future_kl.future_kl`` (default: the scan accumulates in float64);

@@ -1,4 +1,4 @@
-"""The reward registry (spec §6).
+"""The reward registry (docs/algorithm.md §6).
 
 A reward fn is ``fn(*, response_text: str, ground_truth: str, **extra) -> dict`` with keys ``score``
 (the reward, DAPO: +1 / -1), ``acc`` (bool: the answer is right) and optionally ``pred`` (the

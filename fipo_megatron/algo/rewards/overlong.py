@@ -1,4 +1,4 @@
-"""DAPO's soft overlong punishment (spec §6)."""
+"""DAPO's soft overlong punishment (docs/algorithm.md §6)."""
 
 from __future__ import annotations
 
