@@ -20,11 +20,11 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
+from fipo_megatron.algo.rewards import get_reward, reward_failure_score
 from fipo_megatron.config import FipoConfig
 from fipo_megatron.data.dataset import PromptDataset, PromptSampler, load_prompt_dataset
-from fipo_megatron.data.scoring import ScoreRunner, math_verify_score
-from fipo_megatron.data.synthetic import (make_synthetic_rows, save_synthetic_tokenizer, synthetic_score,
-                                          synthetic_tokenizer)
+from fipo_megatron.data.scoring import ScoreRunner
+from fipo_megatron.data.synthetic import make_synthetic_rows, save_synthetic_tokenizer, synthetic_tokenizer
 from fipo_megatron.data.tokenizer import load_tokenizer
 from fipo_megatron.log import get_logger
 from fipo_megatron.rollout.base import RolloutEngine, SamplingParams, get_engine
@@ -118,17 +118,12 @@ def build_overlong_penalty(cfg: FipoConfig) -> Callable[[int], float] | None:
 
 
 def resolve_score_fn(cfg: FipoConfig) -> tuple[Callable[..., Any], float]:
-    """(score function, the score of a failed/timed-out call) for ``reward.reward_fn``."""
+    """(score function, the score of a failed/timed-out call) for ``reward.reward_fn`` (the reward registry;
+    importing ``fipo_megatron.data`` registered the package's own rewards)."""
     name = cfg.reward.reward_fn
     if name == "auto":
         name = "synthetic" if cfg.data.synthetic.enable else "dapo_math"
-    if name == "synthetic":
-        return synthetic_score, 0.0
-    if name == "math_verify":
-        return math_verify_score, -1.0
-    from fipo_megatron.algo.rewards import get_reward
-
-    return get_reward(name), -1.0
+    return get_reward(name), reward_failure_score(name)
 
 
 def _load_prompts(cfg: FipoConfig, tokenizer, *, files: list[str], synthetic_rows: int, seed: int) -> PromptDataset:

@@ -184,7 +184,8 @@ class RewardConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if not self.batch_timeout_s > 0:
             raise ValueError(f"batch_timeout_s must be > 0, got {self.batch_timeout_s}")
-        if self.reward_fn not in ("auto", "synthetic", "math_verify"):
+        if self.reward_fn != "auto":
+            import fipo_megatron.data  # noqa: F401  (registers the package's own rewards)
             from fipo_megatron.algo.rewards import get_reward
 
             try:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fipo_megatron.algo.policy_loss import PolicyLossConfig, get_policy_loss, register_policy_loss
-from fipo_megatron.algo.registry import UnknownNameError
+from fipo_megatron.registry import UnknownNameError
 
 CONFIGS = {
     "32b": PolicyLossConfig(),  # f in [1, 1.2], safety 10

@@ -6,7 +6,7 @@ import torch
 
 from fipo_megatron.algo.advantages import get_advantage, register_advantage
 from fipo_megatron.algo.dynamic_sampling import GroupAccumulator, group_is_informative, keep_informative_groups
-from fipo_megatron.algo.registry import UnknownNameError
+from fipo_megatron.registry import UnknownNameError
 from fipo_megatron.algo.rewards import get_reward, overlong_penalty, register_reward
 from fipo_megatron.algo.rewards.dapo_math import extract_answer, last_boxed, normalize_final_answer
 

@@ -179,3 +179,17 @@ def test_score_filter_advantages():
         [(s.prompt_ids, s.response_ids, s.advantage, s.group_id, s.reward, s.finish_reason) for s in batch.samples]
     assert back.num_responses_per_prompt == 4 and back.temperature == 0.7
     assert all(s.rollout_log_probs is None for s in back.samples)
+
+
+def test_every_reward_is_registered_with_its_failure_score():
+    import fipo_megatron.data  # noqa: F401  (registers the package's own rewards)
+    from fipo_megatron.algo.rewards import get_reward, registered_rewards, reward_failure_score
+    from fipo_megatron.data.synthetic import synthetic_score
+
+    assert {"dapo_math", "math_verify", "synthetic"} <= set(registered_rewards())
+    assert get_reward("synthetic") is synthetic_score and get_reward("math_verify") is math_verify_score
+    # a failed call scores as "wrong": 0 on the 0 / 1 synthetic task, -1 under DAPO's +1 / -1 rule
+    assert reward_failure_score("synthetic") == 0.0
+    assert reward_failure_score("math_verify") == -1.0 == reward_failure_score("dapo_math")
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        reward_failure_score("nope")

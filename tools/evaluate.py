@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --data FILE(s) or --synthetic TASK")
 
     from fipo_megatron.data.dataset import load_prompt_dataset
-    from fipo_megatron.data.scoring import ScoreRunner, math_verify_score
-    from fipo_megatron.data.synthetic import make_synthetic_rows, synthetic_score
+    from fipo_megatron.algo.rewards import get_reward, reward_failure_score
+    from fipo_megatron.data.scoring import ScoreRunner
+    from fipo_megatron.data.synthetic import make_synthetic_rows
     from fipo_megatron.data.tokenizer import load_tokenizer
     from fipo_megatron.rollout.base import SamplingParams, get_engine
 
@@ -141,15 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                                    prompt_digits=2 if args.synthetic == "add_mod" else 1, seed=args.seed + 12345)
     dataset = load_prompt_dataset(files=args.data, rows=rows, tokenizer=tokenizer, max_prompt_length=args.max_prompt_length,
                                   chat_template=not args.no_chat_template, raw_template=args.raw_template)
-    if reward == "synthetic":
-        score_fn, wrong = synthetic_score, 0.0
-    elif reward == "math_verify":
-        score_fn, wrong = math_verify_score, -1.0
-    else:
-        from fipo_megatron.algo.rewards import get_reward
-
-        score_fn, wrong = get_reward(reward), -1.0
-    runner = ScoreRunner(score_fn=score_fn, timeout_s=args.timeout, wrong_score=wrong)
+    runner = ScoreRunner(score_fn=get_reward(reward), timeout_s=args.timeout, wrong_score=reward_failure_score(reward))
     engine = get_engine(args.engine, model_path=args.model, **json.loads(args.engine_kwargs))
     stop = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
     sampling = SamplingParams(n=args.k, temperature=args.temperature, top_p=args.top_p,

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from fipo_megatron.algo.registry import Registry
+from fipo_megatron.registry import Registry
 
 AdvantageFn = Callable[..., torch.Tensor]
 _ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")

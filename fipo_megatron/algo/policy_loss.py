@@ -55,7 +55,7 @@ import torch
 from fipo_megatron.algo.future_kl import future_kl, gamma_from_tau
 from fipo_megatron.algo.influence import influence_bounds, influence_weights
 from fipo_megatron.algo.loss_metrics import influence_metrics, masked_mean, masked_rate, ratio_metrics, to_floats
-from fipo_megatron.algo.registry import Registry
+from fipo_megatron.registry import Registry
 
 #: the log-ratio is clamped to this range before exp (docs/algorithm.md §1).
 LOG_RATIO_CLAMP = 20.0

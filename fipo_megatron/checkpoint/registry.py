@@ -13,24 +13,23 @@ from typing import Any, Callable
 
 from fipo_megatron.checkpoint.mappings import llama, qwen2, qwen3
 from fipo_megatron.checkpoint.mappings.base import ModelMapping, config_get
+from fipo_megatron.registry import Registry
 
 MappingBuilder = Callable[..., ModelMapping]
 
-_BY_ARCHITECTURE: dict[str, MappingBuilder] = {}
-_BY_MODEL_TYPE: dict[str, MappingBuilder] = {}
+_BY_ARCHITECTURE: Registry[MappingBuilder] = Registry("model architecture")
+_BY_MODEL_TYPE: dict[str, MappingBuilder] = {}  # the fallback for configs without ``architectures``
 
 
 def register_mapping(*, architecture: str, model_type: str, builder: MappingBuilder) -> None:
     """Register ``builder(hf_config, *, padded_vocab_size=None) -> ModelMapping`` for one HF family."""
-    if architecture in _BY_ARCHITECTURE:
-        raise ValueError(f"architecture {architecture!r} is already registered")
-    _BY_ARCHITECTURE[architecture] = builder
+    _BY_ARCHITECTURE.register(architecture)(builder)
     _BY_MODEL_TYPE.setdefault(model_type, builder)
 
 
 def supported_architectures() -> list[str]:
     """The exact HF ``architectures[0]`` values that have a mapping."""
-    return sorted(_BY_ARCHITECTURE)
+    return _BY_ARCHITECTURE.names()
 
 
 def get_mapping(hf_config: Any, *, padded_vocab_size: int | None = None) -> ModelMapping:
@@ -40,7 +39,10 @@ def get_mapping(hf_config: Any, *, padded_vocab_size: int | None = None) -> Mode
     """
     architectures = config_get(hf_config, "architectures") or []
     model_type = config_get(hf_config, "model_type")
-    builder = _BY_ARCHITECTURE.get(architectures[0]) if architectures else _BY_MODEL_TYPE.get(model_type)
+    if architectures:
+        builder = _BY_ARCHITECTURE.get(architectures[0]) if architectures[0] in _BY_ARCHITECTURE else None
+    else:
+        builder = _BY_MODEL_TYPE.get(model_type)
     if builder is None:
         raise ValueError(f"unsupported model: architectures={list(architectures)}, model_type={model_type!r}; "
                          f"supported architectures: {supported_architectures()} "

@@ -21,6 +21,7 @@ import json
 import os
 import random
 
+from fipo_megatron.algo.rewards.base import register_reward
 from fipo_megatron.data.tokenizer import CHAR_TOKENIZER_FILE, CharTokenizer
 
 SYNTHETIC_DATA_SOURCE = "synthetic"
@@ -49,6 +50,7 @@ def make_synthetic_rows(*, task: str, num_rows: int, num_digits: int, prompt_dig
     return rows
 
 
+@register_reward("synthetic", failure_score=0.0)  # a 0 / 1 task: a failed call scores as wrong, 0
 def synthetic_score(*, response_text: str, ground_truth: str, **_) -> dict:
     """1.0 if the response's first character is the answer digit, else 0.0 (``acc`` alike)."""
     correct = response_text[:1] == str(ground_truth)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Literal, Protocol, runtime_checkable
 import torch
 
 from fipo_megatron.log import get_logger
+from fipo_megatron.registry import Registry, UnknownNameError
 
 logger = get_logger(__name__)
 
@@ -162,7 +163,8 @@ class RolloutEngine(Protocol):
 
 
 EngineFactory = Callable[..., RolloutEngine]
-_ENGINES: dict[str, EngineFactory] = {}
+# metadata: the engine's replica_kwargs (see register_engine), or None
+_ENGINES: Registry[EngineFactory] = Registry("rollout engine")
 
 
 def register_engine(name: str, *, replica_kwargs: Callable[[dict, int], dict] | None = None
@@ -172,17 +174,7 @@ def register_engine(name: str, *, replica_kwargs: Callable[[dict, int], dict] | 
     ``replica_kwargs(kwargs, i)``: the keyword arguments of replica ``i`` when ``get_engine(...,
     num_engines=k)`` builds several (e.g. a GPU offset); engines registered without it refuse k > 1."""
 
-    def deco(factory: EngineFactory) -> EngineFactory:
-        if name in _ENGINES and _ENGINES[name] is not factory:
-            raise ValueError(f"rollout engine {name!r} is already registered")
-        _ENGINES[name] = factory
-        _REPLICAS[name] = replica_kwargs
-        return factory
-
-    return deco
-
-
-_REPLICAS: dict[str, Callable[[dict, int], dict] | None] = {}
+    return _ENGINES.register(name, metadata=replica_kwargs)
 
 
 def _ensure_builtin_engines() -> None:
@@ -216,15 +208,15 @@ def get_engine(name: str = "auto", *, num_engines: int = 1, **kwargs: Any) -> Ro
     _ensure_builtin_engines()
     resolved = resolve_engine_name(name)
     if resolved not in _ENGINES:
-        raise ValueError(f"unknown rollout engine {name!r}; registered: {sorted(_ENGINES)} (or 'auto')")
+        raise UnknownNameError(f"unknown rollout engine {name!r}; registered: {_ENGINES.names()} (or 'auto')")
     if isinstance(num_engines, bool) or not isinstance(num_engines, int) or num_engines < 1:
         raise ValueError(f"num_engines must be an integer >= 1, got {num_engines!r}")
     if resolved != name:
         logger.info("rollout engine 'auto' resolved to %r", resolved)
-    factory = _ENGINES[resolved]
+    factory = _ENGINES.get(resolved)
     if num_engines == 1:
         return factory(**kwargs)
-    replica_kwargs = _REPLICAS.get(resolved)
+    replica_kwargs = _ENGINES.metadata(resolved)
     if replica_kwargs is None:
         raise ValueError(f"rollout engine {resolved!r} does not support num_engines > 1 (got {num_engines})")
     from fipo_megatron.rollout.multi import MultiEngine
@@ -247,4 +239,4 @@ def get_engine(name: str = "auto", *, num_engines: int = 1, **kwargs: Any) -> Ro
 def registered_engines() -> list[str]:
     """Names of all registered engines."""
     _ensure_builtin_engines()
-    return sorted(_ENGINES)
+    return _ENGINES.names()

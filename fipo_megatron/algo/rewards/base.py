@@ -11,19 +11,31 @@ from __future__ import annotations
 
 from typing import Callable
 
-from fipo_megatron.algo.registry import Registry
+from fipo_megatron.registry import Registry
 
 RewardFn = Callable[..., dict]
 _REWARDS: Registry[RewardFn] = Registry("reward")
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Register a reward function under ``name`` (decorator)."""
-    return _REWARDS.register(name)
+def register_reward(name: str, *, failure_score: float = -1.0) -> Callable[[RewardFn], RewardFn]:
+    """Register a reward function under ``name`` (decorator). ``failure_score``: the score of a call that
+    raises or times out (DAPO's rule: -1, "wrong"; a 0 / 1 task: 0)."""
+    return _REWARDS.register(name, metadata=float(failure_score))
 
 
 def get_reward(name: str) -> RewardFn:
     """The reward registered under ``name``; ``UnknownNameError`` (KeyError, ValueError) lists known names."""
     return _REWARDS.get(name)
+
+
+def reward_failure_score(name: str) -> float:
+    """The score a failed or timed-out call of reward ``name`` gets (see ``register_reward``)."""
+    return _REWARDS.metadata(name)
+
+
+def registered_rewards() -> list[str]:
+    """Names of all registered rewards (the package's own are registered when ``fipo_megatron.data`` is
+    imported: ``synthetic`` and ``math_verify`` live there)."""
+    return _REWARDS.names()
 
 
