@@ -11,7 +11,7 @@ import torch
 from fipo_megatron.models.sharding import canonical_name
 from fipo_megatron.testing.distributed import run_distributed
 from fipo_megatron.testing.tiny_models import tiny_hf_model
-from test_actor_update import _actor_config, _batch, _full_state  # tests/ is on sys.path (rootdir-less)
+from conftest import actor_config as _actor_config, full_megatron_state as _full_state, train_batch as _batch
 
 
 def _worker(rank, world_size, hf_dir, ckpt_dir, hf_config, batch):

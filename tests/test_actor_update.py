@@ -15,42 +15,13 @@ import megatron.core  # noqa: F401  (imported once here; forked ranks inherit it
 import pytest
 import torch
 
-from fipo_megatron.batch import Sample, TrainBatch
+from fipo_megatron.batch import TrainBatch
 from fipo_megatron.models.sharding import canonical_name
 from fipo_megatron.testing.distributed import run_distributed
 from fipo_megatron.testing.tiny_models import tiny_hf_model
+from conftest import actor_config as _actor_config, full_megatron_state as _full_state, train_batch as _batch
 
 TOL = 1e-5
-
-
-def _batch(seed: int = 0) -> TrainBatch:
-    """4 prompts x 2 responses of mixed lengths; with ppo_mini_batch_size=2: two mini-batches of 4."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = [(5, 7), (3, 11), (8, 4), (4, 9), (6, 6), (2, 13), (7, 5), (3, 8)]
-    samples = [Sample(prompt_ids=torch.randint(0, 256, (p,), generator=g).tolist(),
-                      response_ids=torch.randint(0, 256, (r,), generator=g).tolist(),
-                      advantage=float(torch.randn(1, generator=g)), group_id=i // 2)
-               for i, (p, r) in enumerate(lengths)]
-    return TrainBatch(samples=samples, num_responses_per_prompt=2, temperature=0.9)
-
-
-def _full_state(hf_model) -> dict[str, torch.Tensor]:
-    from fipo_megatron.checkpoint.registry import get_mapping
-
-    mapping = get_mapping(hf_model.config)
-    sd = hf_model.state_dict()
-    return {n: mapping.hf_to_megatron(n, {h: sd[h] for h in mapping.hf_sources(n)}) for n in mapping.megatron_names()}
-
-
-def _actor_config(**kw):
-    from fipo_megatron.actor.config import ActorConfig
-
-    # lr large enough that the second mini-batch sees a moved policy; a small token budget so every
-    # DP rank packs several micro-batches; chunk 5 so the chunked log-prob really chunks.
-    base = dict(ppo_mini_batch_size=2, max_tokens_per_micro_batch=40, logprob_chunk_size=5, lr=2e-4,
-                lr_warmup_steps=0, params_dtype="float32", seed=7)
-    base.update(kw)
-    return ActorConfig(**base)
 
 
 def _run(layout, hf_config, full, batch, actor_kw=None, loss_kw=None):

@@ -40,11 +40,7 @@ def test_te_spec_bf16_forward_matches_transformers():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     pytest.importorskip("transformer_engine.pytorch")
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from test_models_single import hf_reference_logits, hf_to_megatron_full
+    from conftest import hf_reference_logits, hf_to_megatron_full
 
     family = "qwen3"
     hf_model = tiny_hf_model(family, seed=3)

@@ -10,8 +10,6 @@ Also: CP attention gradients vs cp=1, and ``gather_full_state_dict(load_full_sta
 from __future__ import annotations
 
 import copy
-import os
-import sys
 
 import pytest
 import torch
@@ -21,8 +19,7 @@ from fipo_megatron.parallel import ParallelConfig, cp_layout
 from fipo_megatron.testing.distributed import run_distributed
 from fipo_megatron.testing.tiny_models import tiny_hf_config, tiny_hf_model
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the HF reference helpers live next door
-from test_models_single import hf_reference_logits, hf_to_megatron_full  # noqa: E402
+from conftest import hf_reference_logits, hf_to_megatron_full
 
 LENGTHS = (5, 3, 7)
 PAD_UNIT = 4  # 2 * max cp: one padded layout serves every split

@@ -15,45 +15,9 @@ from fipo_megatron.models import sharding
 from fipo_megatron.parallel import ParallelConfig
 from fipo_megatron.testing.distributed import run_distributed
 from fipo_megatron.testing.tiny_models import tiny_hf_config, tiny_hf_model
+from conftest import hf_reference_logits, hf_to_megatron_full
 
 FAMILIES = ("qwen2", "llama", "qwen3")
-
-
-def hf_to_megatron_full(model) -> dict[str, torch.Tensor]:
-    """Full TP=1 Megatron tensors (canonical names) from a transformers Qwen2/Llama/Qwen3 model."""
-    cfg = model.config
-    heads, groups = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    out = {"embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": sd["model.norm.weight"]}
-    if not cfg.tie_word_embeddings:
-        out["output_layer.weight"] = sd["lm_head.weight"]
-    for i in range(cfg.num_hidden_layers):
-        p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        for kind in ("weight", "bias"):
-            if p + f"self_attn.q_proj.{kind}" not in sd:
-                continue
-            q = sd[p + f"self_attn.q_proj.{kind}"].reshape(groups, heads // groups * head_dim, -1)
-            k = sd[p + f"self_attn.k_proj.{kind}"].reshape(groups, head_dim, -1)
-            v = sd[p + f"self_attn.v_proj.{kind}"].reshape(groups, head_dim, -1)
-            qkv = torch.cat([q, k, v], dim=1).reshape((heads + 2 * groups) * head_dim, -1)
-            out[m + f"self_attention.linear_qkv.{kind}"] = qkv.squeeze(-1) if kind == "bias" else qkv
-        out[m + "self_attention.linear_qkv.layer_norm_weight"] = sd[p + "input_layernorm.weight"]
-        out[m + "self_attention.linear_proj.weight"] = sd[p + "self_attn.o_proj.weight"]
-        if p + "self_attn.q_norm.weight" in sd:
-            out[m + "self_attention.q_layernorm.weight"] = sd[p + "self_attn.q_norm.weight"]
-            out[m + "self_attention.k_layernorm.weight"] = sd[p + "self_attn.k_norm.weight"]
-        out[m + "mlp.linear_fc1.layer_norm_weight"] = sd[p + "post_attention_layernorm.weight"]
-        out[m + "mlp.linear_fc1.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
-        out[m + "mlp.linear_fc2.weight"] = sd[p + "mlp.down_proj.weight"]
-    return out
-
-
-def hf_reference_logits(model, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """transformers logits of each sequence run on its own (no padding, no packing)."""
-    with torch.no_grad():
-        return [model(input_ids=s[None]).logits[0] for s in seqs]
 
 
 # ---------------------------------------------------------------- HF config translation (no processes)

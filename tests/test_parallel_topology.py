@@ -147,10 +147,7 @@ def _train_step_worker(rank, world_size, full_sd, layouts):
 @pytest.mark.distributed
 def test_megatron_train_step_runs_on_cpu_and_agrees_across_layouts():
     """DDP grad buffers, tied-embedding sync, grad-norm clipping and the optimizer run on gloo; dp/tp/pp agree."""
-    import os
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from test_models_single import hf_to_megatron_full
+    from conftest import hf_to_megatron_full
 
     from fipo_megatron.testing.distributed import run_distributed
     from fipo_megatron.testing.tiny_models import tiny_hf_model

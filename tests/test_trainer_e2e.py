@@ -1,6 +1,6 @@
 """End to end on 2 gloo ranks (tp=2): the real loop (embedded engine, Megatron actor, FIPO, weight sync,
-metrics, checkpoints), then a kill -9 during training and a resume whose metrics equal those of an
-uninterrupted run with the same seed."""
+metrics, checkpoints). One reference run serves one test per concern; a kill -9 during training and an
+engine failure each resume to the metrics of the uninterrupted run with the same seed."""
 
 from __future__ import annotations
 
@@ -72,8 +72,10 @@ def _comparable(rows):
             for r in rows]
 
 
-@pytest.mark.distributed
-def test_train_kill_resume_matches_uninterrupted(tmp_path):
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted 4-step run (2 ranks, tp=2) that the tests below read: its directory, its
+    metrics rows, and rank 0's per-step mini-batch metrics, engine weights and actor embedding."""
     from fipo_megatron.testing.distributed import run_distributed
 
     # Import the heavy modules once here: the forked ranks inherit them instead of importing each time.
@@ -83,32 +85,65 @@ def test_train_kill_resume_matches_uninterrupted(tmp_path):
     import fipo_megatron.checkpoint.dist_ckpt  # noqa: F401
     import fipo_megatron.rollout.embedded  # noqa: F401
 
-    ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
+    ref_dir = str(tmp_path_factory.mktemp("e2e") / "ref")
     ref = run_distributed(_train, 2, args=(ref_dir, None), timeout=240)
-    rows = read_metrics(os.path.join(ref_dir, "metrics.jsonl"))
+    return ref_dir, read_metrics(os.path.join(ref_dir, "metrics.jsonl")), ref[0]
+
+
+def _assert_same_rows(a, b):
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            va, vb = ra[k], rb[k]
+            same = va == vb or (isinstance(va, float) and isinstance(vb, float)
+                                and math.isclose(va, vb, rel_tol=1e-9, abs_tol=1e-12))
+            assert same, (ra["step"], k, va, vb)
+
+
+@pytest.mark.distributed
+def test_every_step_trains_and_logs(reference_run):
+    _, rows, _ = reference_run
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
         # one optimizer step per kept prompt (mini-batch = 1 prompt x 4 responses)
         assert r["actor/num_mini_batches"] == r["batch/num_prompts"] >= 1 and r["response_length/max"] <= 4
         assert 0.0 <= r["reward/acc"] <= 1.0 and r["num_gen_batches"] >= 1
-    # weight sync: on steps 2 and 4 the engine sampled with weights synced after the previous update; its
-    # log-probs match the actor's recomputation (fp32 on both sides) to float rounding
-    # (every step: the actor keeps the old log-probs it recomputed)
+
+
+@pytest.mark.distributed
+def test_weight_sync_engine_matches_actor(reference_run):
+    _, rows, rank0 = reference_run
+    # on steps 2 and 4 the engine sampled with weights synced after the previous update; its log-probs
+    # match the actor's recomputation (fp32 on both sides) to float rounding, logged every step
     assert {2, 4} <= {r["step"] for r in rows if "rollout/logprob_abs_diff_max" in r}
     assert all(r["rollout/logprob_abs_diff_max"] < 1e-4 for r in rows if "rollout/logprob_abs_diff_max" in r)
-    # FutureKL: the first mini-batch of a step has d = 0, so f = 1 exactly; later ones move it (docs/algorithm.md §1)
-    mbs = ref[0]["minibatches"]
+    # after the last step the engine's embedding equals the actor's
+    engine_emb = rank0["engine"]["model.embed_tokens.weight"]
+    assert (engine_emb - rank0["embedding"][:engine_emb.shape[0]]).abs().max().item() < 1e-6
+
+
+@pytest.mark.distributed
+def test_future_kl_acts_from_the_second_mini_batch(reference_run):
+    # the first mini-batch of a step has d = 0, so f = 1 exactly; later ones move it (docs/algorithm.md §1)
+    mbs = reference_run[2]["minibatches"]
     assert all(s[0]["influence_weights_min"] == 1.0 == s[0]["influence_weights_max"] for s in mbs)
     later = [m for s in mbs for m in s[1:]]
     assert later and any(m["raw_influence_weights_max"] > 1.0 or m["raw_influence_weights_min"] < 1.0 for m in later)
-    # the resolved config, checkpoints (keep_last=2) and the latest pointer are in the run dir
-    ckpts = sorted(os.listdir(os.path.join(ref_dir, "checkpoints")))
-    assert ckpts == ["latest", "step_00000002", "step_00000004"]
-    assert os.path.isfile(os.path.join(ref_dir, "config.yaml"))
-    # weight sync: the engine's embedding equals the actor's after the last step
-    engine_emb = ref[0]["engine"]["model.embed_tokens.weight"]
-    assert (engine_emb - ref[0]["embedding"][:engine_emb.shape[0]]).abs().max().item() < 1e-6
 
+
+@pytest.mark.distributed
+def test_run_dir_holds_config_and_kept_checkpoints(reference_run):
+    ref_dir = reference_run[0]
+    # checkpoints every 2 steps, keep_last=2, and the latest pointer
+    assert sorted(os.listdir(os.path.join(ref_dir, "checkpoints"))) == ["latest", "step_00000002", "step_00000004"]
+    assert os.path.isfile(os.path.join(ref_dir, "config.yaml"))
+
+
+@pytest.mark.distributed
+def test_kill_and_resume_matches_uninterrupted(reference_run, tmp_path):
+    from fipo_megatron.testing.distributed import run_distributed
+
+    cut_dir = str(tmp_path / "cut")
     with pytest.raises(RuntimeError, match="died|exit"):
         run_distributed(_train, 2, args=(cut_dir, 4), timeout=240)   # killed at the start of step 4
     killed_rows = read_metrics(os.path.join(cut_dir, "metrics.jsonl"))
@@ -116,13 +151,12 @@ def test_train_kill_resume_matches_uninterrupted(tmp_path):
     run_distributed(_train, 2, args=(cut_dir, None), timeout=240)     # resume from step 2
     resumed = read_metrics(os.path.join(cut_dir, "metrics.jsonl"))
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    a, b = _comparable(rows), _comparable(resumed)
-    for ra, rb in zip(a, b):
-        assert ra.keys() == rb.keys()
-        for k in ra:
-            va, vb = ra[k], rb[k]
-            same = va == vb or (isinstance(va, float) and isinstance(vb, float) and math.isclose(va, vb, rel_tol=1e-9, abs_tol=1e-12))
-            assert same, (ra["step"], k, va, vb)
+    _assert_same_rows(_comparable(reference_run[1]), _comparable(resumed))
+
+
+@pytest.mark.distributed
+def test_engine_failure_saves_the_last_step_and_resumes(reference_run, tmp_path):
+    from fipo_megatron.testing.distributed import run_distributed
 
     # The engine fails at step 4 (after checkpoint 2): every rank stops with RolloutError after saving
     # step 3, which the failed step started from; a resume from it reproduces the uninterrupted step 4.
@@ -136,9 +170,11 @@ def test_train_kill_resume_matches_uninterrupted(tmp_path):
     run_distributed(_train, 2, args=(fail_dir, None), timeout=240)
     after = _comparable(read_metrics(os.path.join(fail_dir, "metrics.jsonl")))
     assert [r["step"] for r in after] == [1, 2, 3, 4]
-    for k, v in a[3].items():
-        assert v == after[3][k] or math.isclose(v, after[3][k], rel_tol=1e-9, abs_tol=1e-12), (k, v, after[3][k])
+    _assert_same_rows(_comparable(reference_run[1])[3:], after[3:])
 
+
+@pytest.mark.distributed
+def test_evaluate_tool_scores_the_run_checkpoint(reference_run, tmp_path):
     # tools/evaluate.py on the run checkpoint (converted to HF on the fly) runs and scores the synthetic task.
     # It runs as its own process, as a user runs it: in-process it would leave the Megatron checkpoint
     # loader's and the scorer's threads in this test process, and later fork-based tests would inherit
@@ -146,6 +182,7 @@ def test_train_kill_resume_matches_uninterrupted(tmp_path):
     import subprocess
     import sys
 
+    ref_dir = reference_run[0]
     out = tmp_path / "eval.json"
     subprocess.run([sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--model", os.path.join(ref_dir, "hf_init"),
                     "--megatron-checkpoint", os.path.join(ref_dir, "checkpoints", "step_00000004"),
