@@ -31,6 +31,7 @@ class Sample:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt plus response tokens: what the actor's forward pass processes for this sample."""
         return len(self.prompt_ids) + len(self.response_ids)
 
 

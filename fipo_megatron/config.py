@@ -358,10 +358,12 @@ class FipoConfig:
 
     @property
     def run_dir(self) -> str:
+        """``trainer.run_dir``, or ``runs/<trainer.experiment_name>``."""
         return self.trainer.run_dir or os.path.join("runs", self.trainer.experiment_name)
 
     @property
     def gen_batch_size(self) -> int:
+        """Prompts per generation batch: ``data.gen_batch_size``, or ``data.train_batch_size`` when unset."""
         return self.data.gen_batch_size or self.data.train_batch_size
 
 

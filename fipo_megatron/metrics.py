@@ -153,6 +153,7 @@ class MetricsLogger:
             self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
+        """Close metrics.jsonl and the TensorBoard/wandb writers (idempotent)."""
         if self._file is not None:
             self._file.close()
             self._file = None

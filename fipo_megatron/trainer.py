@@ -88,6 +88,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> None:
+        """Resume if a checkpoint says so, then run steps until ``trainer.total_training_steps``: validate
+        at ``trainer.val_interval``, log every step, save at ``checkpoint.save_interval`` (every rank)."""
         cfg = self.cfg
         resumed = self._maybe_resume()
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,

@@ -27,13 +27,13 @@ import torch.distributed as dist
 from fipo_megatron.actor.config import ActorConfig
 from fipo_megatron.actor.forward import install_hidden_states_output, make_forward_step, unwrap
 from fipo_megatron.actor.optim import build_optimizer, current_lr, step_if_finite, wrap_ddp
-from fipo_megatron.actor.packing import PackedMicroBatch, balanced_partition, plan_and_pack, sequence_multiple
-from fipo_megatron.actor.step import (TokenCapture, collect_token_taps, logprob_loss_fn, make_loss_fn, reduce_metrics,
-                                      run_schedule)
+from fipo_megatron.actor.packing import PackedMicroBatch, balanced_partition, plan_and_pack
+from fipo_megatron.actor.step import (TokenCapture, aggregation_kind, collect_token_taps, logprob_loss_fn, make_loss_fn,
+                                      reduce_metrics, run_schedule)
 from fipo_megatron.batch import Sample, TrainBatch
 from fipo_megatron.log import get_logger
 from fipo_megatron.parallel.cp_layout import padded_length
-from fipo_megatron.parallel.topology import ParallelConfig, initialize_parallel
+from fipo_megatron.parallel.topology import ParallelConfig, initialize_parallel, local_device
 
 logger = get_logger(__name__)
 
@@ -93,12 +93,12 @@ class MegatronActor:
         no_sync = [c.no_sync for c in self.model_chunks]
         tf_config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         tf_config.grad_scale_func = self.optimizer.scale_loss
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = local_device()
         self.num_updates = 0
         self.last_mini_batch_metrics: list[dict[str, float]] = []
         self.last_old_log_probs: list[torch.Tensor] | None = None
         self.last_token_taps: dict[int, dict[str, torch.Tensor]] | None = None
-        self._multiple = sequence_multiple(tp_size=parallel.tp, sequence_parallel=parallel.sequence_parallel)
+        self._multiple = parallel.sequence_parallel_multiple()
 
     # ------------------------------------------------------------------ packing
     def _pack(self, samples: Sequence[Sample]) -> list[PackedMicroBatch]:
@@ -289,12 +289,13 @@ def _combine_mini_batches(per_mini: list[dict[str, float]]) -> dict[str, float]:
     for name in sorted({k for m in per_mini for k in m}):
         values = [m[name] for m in per_mini if name in m]
         finite = [v for v in values if math.isfinite(v)]
-        if name.endswith("_min"):
+        kind = aggregation_kind(name)
+        if kind == "min":
             out[name] = min(finite) if finite else float("nan")
-        elif name.endswith("_max"):
+        elif kind == "max":
             out[name] = max(finite) if finite else float("nan")
-        elif name.startswith("num_"):
+        elif kind == "sum":
             out[name] = float(sum(values))
-        else:
+        else:  # mini-batches count alike, whatever their token counts
             out[name] = sum(finite) / len(finite) if finite else float("nan")
     return out

@@ -83,11 +83,6 @@ def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, count_multipl
     return sorted((sorted(b) for b in bins), key=lambda b: b[0])
 
 
-def sequence_multiple(*, tp_size: int, sequence_parallel: bool) -> int:
-    """The extra padding multiple sequence parallelism needs on top of CP's ``2*cp``."""
-    return tp_size if sequence_parallel else 1
-
-
 @dataclasses.dataclass(kw_only=True)
 class PackedMicroBatch:
     """One micro-batch, packed THD and split for this CP rank. ``*_T`` tensors are local, length ``T``."""
@@ -109,6 +104,7 @@ class PackedMicroBatch:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens of this rank's packed share, padding included."""
         return int(self.input_ids.shape[1])
 
     @property

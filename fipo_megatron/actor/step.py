@@ -138,8 +138,9 @@ def logprob_loss_fn(mb: PackedMicroBatch, logp_T: torch.Tensor, entropy_T: torch
         "mb": mb, "logp": logp_T.detach().float(), "entropy": entropy_T.detach().float()}
 
 
-# Metric aggregation: min/max by name, counts summed, everything else token-weighted.
-def _kind(name: str) -> str:
+def aggregation_kind(name: str) -> str:
+    """How a metric combines across micro-batches, ranks and mini-batches, by its name: ``*_min`` by min,
+    ``*_max`` by max, ``num_*`` (counts) by sum, everything else by a (token-weighted) mean."""
     if name.endswith("_min"):
         return "min"
     if name.endswith("_max"):
@@ -176,7 +177,7 @@ def reduce_metrics(outputs: list[dict], *, groups, device) -> dict[str, float]:
     for o in outputs:
         for i, name in enumerate(names):
             v = o["metrics"].get(name)
-            kind = _kind(name)
+            kind = aggregation_kind(name)
             w = _weight(name, o)
             if v is None or not math.isfinite(v) or (w == 0 and kind != "sum"):
                 continue
@@ -211,7 +212,7 @@ def reduce_metrics(outputs: list[dict], *, groups, device) -> dict[str, float]:
     mins, maxs = packed[2 * n + 4:3 * n + 4], -packed[3 * n + 4:]
     out: dict[str, float] = {}
     for i, name in enumerate(names):
-        kind = _kind(name)
+        kind = aggregation_kind(name)
         if kind == "min":
             value = float(mins[i])
         elif kind == "max":

@@ -63,14 +63,17 @@ class GroupAccumulator(Generic[T]):
 
     @property
     def num_groups(self) -> int:
+        """Groups kept so far this step."""
         return len(self._groups)
 
     @property
     def is_full(self) -> bool:
+        """At least ``target_num_groups`` kept."""
         return len(self._groups) >= self.target_num_groups
 
     @property
     def budget_exhausted(self) -> bool:
+        """``max_num_gen_batches`` generation batches spent (never, with no limit)."""
         return self.max_num_gen_batches > 0 and self.num_gen_batches >= self.max_num_gen_batches
 
     def should_generate_more(self) -> bool:

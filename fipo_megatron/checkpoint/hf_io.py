@@ -114,6 +114,7 @@ class TensorSpec:
 
     @property
     def num_bytes(self) -> int:
+        """The tensor's size on disk: elements times the dtype's width."""
         numel = 1
         for s in self.shape:
             numel *= s

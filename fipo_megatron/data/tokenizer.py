@@ -33,18 +33,21 @@ class CharTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Special tokens plus characters: the model's vocabulary size."""
         return len(self.special_tokens) + len(self.chars)
 
     def __len__(self) -> int:
         return self.vocab_size
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text`` (``<bos>`` first with ``add_special_tokens``); ValueError names unknown characters."""
         unknown = sorted({c for c in text if c not in self._ids})
         if unknown:
             raise ValueError(f"characters {unknown} are not in the synthetic vocabulary {self.chars}")
         return ([self.bos_token_id] if add_special_tokens else []) + [self._ids[c] for c in text]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """The text of ``ids``; with ``skip_special_tokens`` it stops at ``<eos>`` and drops the others."""
         out = []
         for i in ids:
             i = int(i)
@@ -60,10 +63,12 @@ class CharTokenizer:
         return "".join(out)
 
     def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = True, **_):
+        """The HF tokenizer call the prompt encoder makes: ``<bos>`` + the last message's content."""
         content = messages[-1]["content"]
         return self.encode(content) if tokenize else "<bos>" + content
 
     def to_dict(self) -> dict:
+        """The JSON form ``save_synthetic_tokenizer`` writes next to the tiny model."""
         return {"type": "CharTokenizer", "chars": self.chars}
 
 

@@ -68,7 +68,17 @@ class ParallelConfig:
 
     def seq_multiple(self) -> int:
         """Every (packed) sequence's length must be a multiple of this: ``2*cp`` for CP, times tp with SP."""
-        return (2 * self.cp if self.cp > 1 else 1) * (self.tp if self.sequence_parallel else 1)
+        return (2 * self.cp if self.cp > 1 else 1) * self.sequence_parallel_multiple()
+
+    def sequence_parallel_multiple(self) -> int:
+        """The padding multiple sequence parallelism adds on top of CP's ``2*cp`` (its TP ranks split each
+        sequence's tokens): tp with sequence parallelism, else 1."""
+        return self.tp if self.sequence_parallel else 1
+
+
+def local_device() -> torch.device:
+    """This process's compute device: its current CUDA device, or the CPU without CUDA."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def validate_layout(config: ParallelConfig, *, world_size: int, num_attention_heads: int | None = None,

@@ -202,11 +202,10 @@ class MemoryPlan:
 
 def micro_batch_tokens(cfg: FipoConfig) -> tuple[int, int]:
     """(tokens of the largest micro-batch before the CP split, its longest padded sequence)."""
-    from fipo_megatron.actor.packing import sequence_multiple
     from fipo_megatron.parallel.cp_layout import padded_length
 
     p = cfg.parallel
-    multiple = sequence_multiple(tp_size=p.tp, sequence_parallel=p.sequence_parallel)
+    multiple = p.sequence_parallel_multiple()
     longest = padded_length(cfg.data.max_prompt_length + cfg.data.max_response_length, cp_size=p.cp,
                             multiple=multiple)
     return max(cfg.actor.max_tokens_per_micro_batch, longest), longest

@@ -70,6 +70,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
+        """Temperature 0: the argmax token at every position."""
         return self.temperature == 0.0
 
 

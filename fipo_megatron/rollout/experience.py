@@ -38,6 +38,8 @@ class Group:
     preds: list = field(default_factory=list)  # extracted answers when the rule reports them (majority vote)
 
     def metric(self, name: str) -> list:
+        """The values dynamic sampling compares (``algorithm.filter_groups.metric``): ``acc``, ``score`` or
+        ``seq_reward`` (score plus overlong shaping)."""
         if name == "acc":
             return self.accs
         if name == "score":

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from fipo_megatron.log import get_logger
+from fipo_megatron.parallel.topology import local_device
 
 logger = get_logger(__name__)
 
@@ -63,8 +64,7 @@ class NcclBroadcastTransport:
         self.group = group
         self.announce = announce
         self.on_finish = on_finish
-        self.device = torch.device(device) if device is not None else (
-            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+        self.device = torch.device(device) if device is not None else local_device()
 
     def send(self, bucket: NamedTensors) -> None:
         names = [n for n, _ in bucket]

@@ -27,6 +27,7 @@ import torch
 from fipo_megatron.checkpoint.fs import atomic_write
 
 from fipo_megatron.log import get_logger
+from fipo_megatron.parallel.topology import local_device
 
 logger = get_logger(__name__)
 
@@ -34,9 +35,15 @@ NamedTensors = list[tuple[str, torch.Tensor]]
 
 
 class WeightTransport(Protocol):
-    def send(self, bucket: NamedTensors) -> None: ...
+    """How one weight sync reaches an engine: ``send`` per bucket, then ``finish`` once."""
 
-    def finish(self) -> None: ...
+    def send(self, bucket: NamedTensors) -> None:
+        """Deliver one bucket of HF-named full (unsharded) tensors."""
+        ...
+
+    def finish(self) -> None:
+        """The last bucket was sent: the engine applies the update (caches flushed, weights post-processed)."""
+        ...
 
 
 class InProcessTransport:
@@ -209,7 +216,7 @@ def sync_weights(model_chunks, *, groups, transport: WeightTransport | None, hf_
         except Exception as e:  # noqa: BLE001
             error = e
     flag = torch.tensor([0 if error is None else 1], dtype=torch.int32,
-                        device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+                        device=local_device())
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if int(flag.item()):
