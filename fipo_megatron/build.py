@@ -38,18 +38,15 @@ TINY_PREFIX = "tiny:"
 
 @dataclass(kw_only=True)
 class RunParts:
-    """Everything the loop needs besides the actor. Rank-0-only fields are None on other ranks."""
+    """Everything the loop needs besides the actor. ``engine``: on every rank that holds one (rank 0, and
+    node leaders under ``per_node``), else None. ``rollout``: rank 0's rollout phase, which owns the prompt
+    data, the sampler and the scorer (None elsewhere)."""
 
     tokenizer: Any
     hf_dir: str
     hf_config: Any
     sampling: SamplingParams
-    train_data: PromptDataset | None = None
-    val_data: PromptDataset | None = None
-    sampler: PromptSampler | None = None
     engine: RolloutEngine | None = None
-    scorer: ScoreRunner | None = None
-    overlong_penalty: Callable[[int], float] | None = None
     rollout: RolloutPhase | None = None
     sync_bucket_bytes: int = 512 << 20
 
@@ -138,25 +135,27 @@ def _load_prompts(cfg: FipoConfig, tokenizer, *, files: list[str], synthetic_row
                                raw_template=d.raw_template)
 
 
-def build_rollout_phase(cfg: FipoConfig, parts: RunParts) -> RolloutPhase:
-    """Rank 0's rollout phase over ``parts`` (engine, prompts, scorer) with the step's shape from ``cfg``."""
+def build_rollout_phase(cfg: FipoConfig, *, engine: RolloutEngine, tokenizer, sampling: SamplingParams,
+                        train_data: PromptDataset, val_data: PromptDataset | None, sampler: PromptSampler,
+                        scorer: ScoreRunner) -> RolloutPhase:
+    """Rank 0's rollout phase over these parts, with the step's shape and the reward shaping from ``cfg``."""
     fg, r = cfg.algorithm.filter_groups, cfg.rollout
     return RolloutPhase(
-        engine=parts.engine, train_data=parts.train_data, sampler=parts.sampler, tokenizer=parts.tokenizer,
-        scorer=parts.scorer, sampling=parts.sampling, overlong_penalty=parts.overlong_penalty,
+        engine=engine, train_data=train_data, sampler=sampler, tokenizer=tokenizer, scorer=scorer,
+        sampling=sampling, overlong_penalty=build_overlong_penalty(cfg),
         num_prompts=cfg.data.train_batch_size, gen_batch_size=cfg.gen_batch_size,
         mini_batch_size=cfg.actor.ppo_mini_batch_size, max_response_length=cfg.data.max_response_length,
         filter_metric=fg.metric if fg.enable else None, max_num_gen_batches=fg.max_num_gen_batches,
         on_exhausted=fg.on_exhausted, adv_estimator=cfg.algorithm.adv_estimator,
         norm_adv_by_std=cfg.algorithm.norm_adv_by_std_in_grpo,
         seed=cfg.sampling.seed if cfg.sampling.seed is not None else cfg.trainer.seed,
-        val_data=parts.val_data,
-        val_sampling=dataclasses.replace(parts.sampling, n=r.val_n, temperature=r.val_temperature, top_p=r.val_top_p))
+        val_data=val_data,
+        val_sampling=dataclasses.replace(sampling, n=r.val_n, temperature=r.val_temperature, top_p=r.val_top_p))
 
 
 def build_run_parts(cfg: FipoConfig, *, rank: int, run_dir: str, placement: RolloutPlacement | None = None) -> RunParts:
-    """Tokenizer and model directory on every rank; data, sampler, engine, scorer and the rollout phase on
-    rank 0. ``placement``: which ranks hold an engine (default: rank 0 only)."""
+    """Tokenizer and model directory on every rank; the engine where ``placement`` puts one (default: rank
+    0 only); the rollout phase (prompt data, sampler, scorer) on rank 0."""
     from transformers import AutoConfig
 
     tokenizer = build_tokenizer(cfg)
@@ -175,17 +174,18 @@ def build_run_parts(cfg: FipoConfig, *, rank: int, run_dir: str, placement: Roll
             parts.engine = build_engine(cfg, hf_dir)
         return parts
     d = cfg.data
-    parts.train_data = _load_prompts(cfg, tokenizer, files=d.train_files, synthetic_rows=d.synthetic.num_train, seed=d.seed)
+    # Data first: a bad prompt file fails before an engine is started.
+    train_data = _load_prompts(cfg, tokenizer, files=d.train_files, synthetic_rows=d.synthetic.num_train, seed=d.seed)
+    val_data = None
     if d.val_files or (d.synthetic.enable and d.synthetic.num_val):
-        parts.val_data = _load_prompts(cfg, tokenizer, files=d.val_files, synthetic_rows=d.synthetic.num_val,
-                                       seed=d.seed + 1)
-    parts.sampler = PromptSampler(num_prompts=len(parts.train_data), seed=d.seed, shuffle=d.shuffle)
-    parts.scorer = build_scorer(cfg)
-    parts.overlong_penalty = build_overlong_penalty(cfg)
+        val_data = _load_prompts(cfg, tokenizer, files=d.val_files, synthetic_rows=d.synthetic.num_val, seed=d.seed + 1)
+    sampler = PromptSampler(num_prompts=len(train_data), seed=d.seed, shuffle=d.shuffle)
+    scorer = build_scorer(cfg)
     parts.engine = placement.driven_engine(build_engine(cfg, hf_dir))
-    parts.rollout = build_rollout_phase(cfg, parts)
-    logger.info("data: %d train prompts%s; engine %s", len(parts.train_data),
-                f", {len(parts.val_data)} val prompts" if parts.val_data else "", type(parts.engine).__name__)
+    parts.rollout = build_rollout_phase(cfg, engine=parts.engine, tokenizer=tokenizer, sampling=sampling,
+                                        train_data=train_data, val_data=val_data, sampler=sampler, scorer=scorer)
+    logger.info("data: %d train prompts%s; engine %s", len(train_data),
+                f", {len(val_data)} val prompts" if val_data else "", type(parts.engine).__name__)
     return parts
 
 

@@ -204,8 +204,8 @@ class Trainer:
         """Stop what this rank started: its rollout engine (server processes) and, on rank 0, the scoring pool."""
         if self.parts.engine is not None:
             self.parts.engine.shutdown()
-        if self.parts.scorer is not None:
-            self.parts.scorer.close()
+        if self.parts.rollout is not None:
+            self.parts.rollout.scorer.close()
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
@@ -228,7 +228,7 @@ class Trainer:
         """A checkpoint's trainer state: the prompt sampler's position and the engines' split histories
         (``RolloutPlacement.engine_state``), both None on ranks other than 0. Every rank calls it."""
         rollout = self.placement.engine_state(self.parts.engine)  # every rank: per_node gathers from the leaders
-        return {"data": self.parts.sampler.state_dict() if self.rank == 0 else None, "rollout": rollout}
+        return {"data": self.parts.rollout.sampler.state_dict() if self.rank == 0 else None, "rollout": rollout}
 
     def _validate_everywhere(self) -> dict[str, float]:
         """``validate`` on rank 0; a failure there stops every rank (after saving this step) instead of
@@ -288,7 +288,7 @@ class Trainer:
             path, state = mode, self.ckpt.load(mode, load_model=self.actor.load_checkpoint)
         self.step = int(state["step"])
         if self.rank == 0:
-            self.parts.sampler.load_state_dict(state["data"])
+            self.parts.rollout.sampler.load_state_dict(state["data"])
         self.placement.load_engine_state(self.parts.engine, state.get("rollout"))  # older checkpoints: none
         logger.info("resumed from %s at step %d", path, self.step)
         return True
