@@ -93,7 +93,7 @@ def test_overlong_penalty():
             overlong_penalty(response_length=1, **{**kw, **bad})
 
 
-def test_dynamic_sampling():
+def test_dynamic_sampling_filter():
     assert group_is_informative([1, 0, 1]) and not group_is_informative([1, 1, 1])
     assert group_is_informative([0.5]) and not group_is_informative([0.5], keep_singletons=False)
     assert not group_is_informative([])
@@ -102,6 +102,8 @@ def test_dynamic_sampling():
     groups = [("a", [1, 1]), ("b", [1, 0]), ("c", [0, 0]), ("d", [0, 1])]
     assert [g[0] for g in keep_informative_groups(groups, values_of=lambda g: g[1])] == ["b", "d"]
 
+
+def test_dynamic_sampling_accumulator_fills_truncates_and_raises_as_dapo():
     acc = GroupAccumulator(target_num_groups=3, max_num_gen_batches=3)
     acc.add(["b", "d"], num_generated=4)
     assert acc.should_generate_more() and acc.num_groups == 2

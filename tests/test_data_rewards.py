@@ -134,7 +134,9 @@ def _outputs(groups_tokens):
     return outs
 
 
-def test_score_filter_advantages():
+def _scored():
+    """Three prompts of the synthetic task, 4 responses each (mixed, all wrong, all right), scored with
+    overlong shaping: (records, response tokens, groups, counts)."""
     tok = synthetic_tokenizer(num_digits=5)
     d = {str(i): tok.encode(str(i), add_special_tokens=False)[0] for i in range(5)}
     records = [PromptRecord(index=i, prompt_ids=[1, d[a], d[a]], ground_truth=a, data_source="s")
@@ -150,16 +152,28 @@ def test_score_filter_advantages():
     runner = ScoreRunner(score_fn=synthetic_score, timeout_s=5, wrong_score=0.0)
     pen = lambda n: overlong_penalty(response_length=n, max_response_length=4, buffer_length=2, penalty_factor=0.5)  # noqa: E731
     groups, counts = score_groups(records, _outputs(groups_tokens), n=4, tokenizer=tok, runner=runner, overlong_penalty=pen)
+    return records, groups_tokens, groups, counts
+
+
+def test_scores_and_overlong_shaping():
+    _, _, groups, counts = _scored()
     assert counts["num_timeouts"] == 0 and counts["num_errors"] == 0
     assert groups[0].scores == [1.0, 0.0, 1.0, 0.0] and groups[0].accs == [True, False, True, False]
     # overlong: length 4 of L_max 4, buffer 2 -> -(4 - 2) / 2 * 0.5 = -0.5; length 3 -> -0.25; <= 2 -> 0
     assert groups[0].rewards == [1.0, -0.5, 0.5, 0.0]
     assert groups[1].rewards == [0.0, 0.0, 0.0, -0.25]
+
+
+def test_filter_keeps_groups_whose_metric_disagrees():
+    groups = _scored()[2]
     assert [keep_group(g, "acc") for g in groups] == [True, False, False]
     assert [keep_group(g, "seq_reward") for g in groups] == [True, True, True]  # shaping makes them differ
     with pytest.raises(ValueError, match="filter metric"):
         keep_group(groups[0], "loss")
 
+
+def test_batch_carries_grpo_advantages():
+    records, groups_tokens, groups, _ = _scored()
     batch = build_train_batch([groups[0], groups[1]], n=4, temperature=0.7)
     assert len(batch.samples) == 8 and batch.num_responses_per_prompt == 4 and batch.temperature == 0.7
     for gid, g in enumerate(groups[:2]):
@@ -174,11 +188,16 @@ def test_score_filter_advantages():
     no_std = build_train_batch([groups[0]], n=4, temperature=1.0, norm_adv_by_std=False)
     assert [s.advantage for s in no_std.samples] == pytest.approx([x - 0.25 for x in groups[0].rewards])
 
-    back = TrainBatch.from_wire(batch.to_wire())  # what the other ranks receive: everything but the engine's log-probs
+
+def test_wire_form_keeps_everything_but_the_engine_log_probs():
+    groups = _scored()[2]
+    batch = build_train_batch([groups[0], groups[1]], n=4, temperature=0.7)
+    back = TrainBatch.from_wire(batch.to_wire())  # what the other ranks receive
     assert [(s.prompt_ids, s.response_ids, s.advantage, s.group_id, s.reward, s.finish_reason) for s in back.samples] == \
         [(s.prompt_ids, s.response_ids, s.advantage, s.group_id, s.reward, s.finish_reason) for s in batch.samples]
     assert back.num_responses_per_prompt == 4 and back.temperature == 0.7
     assert all(s.rollout_log_probs is None for s in back.samples)
+    assert all(s.rollout_log_probs is not None for s in batch.samples)  # rank 0's own copy keeps them
 
 
 def test_every_reward_is_registered_with_its_failure_score():
