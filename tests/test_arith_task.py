@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from fipo_megatron.algo.rewards import get_reward_fn
+from fipo_megatron.algo.rewards import get_reward
 from fipo_megatron.data.arith_task import (ANSWER_PREFIX, arith_tokenizer, count_steps, make_arith_rows, prepare,
                                            prompt_text, solution_text, step_lines, write_jsonl)
 from fipo_megatron.data.dataset import load_prompt_dataset
@@ -58,7 +58,7 @@ def test_every_step_line_keeps_the_sum_and_the_width(modulus):
 
 @pytest.mark.parametrize("k,modulus", [(2, 10), (5, 10), (8, 10), (8, 2)])
 def test_solutions_graded_by_the_dapo_rule(k, modulus):
-    reward = get_reward_fn("dapo_math")
+    reward = get_reward("dapo_math")
     rng = random.Random(k)
     for _ in range(20):
         ops = [rng.randrange(modulus) for _ in range(k)]

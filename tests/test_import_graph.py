@@ -1,6 +1,6 @@
-"""The package's subpackages import each other without a cycle, and the algorithm stays pure: ``algo``
-imports nothing of ``parallel``, ``models``, ``actor`` or Megatron (tools/import_graph.py reads the
-source with ``ast``)."""
+"""The package's subpackages import each other without a cycle at import time, and the algorithm stays
+pure: ``algo`` imports nothing of ``parallel``, ``models``, ``actor`` or Megatron, not even lazily
+(tools/import_graph.py reads the source with ``ast``)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ def _tool():
     return module
 
 
-def test_no_cycle_between_subpackages():
+def test_no_cycle_between_subpackages_at_import_time():
     tool = _tool()
-    graph = tool.import_graph(REPO)
-    assert "algo" in graph["actor"] and "parallel" in graph["actor"]   # the graph is read, not empty
+    graph = tool.import_graph(REPO, lazy=False)
+    assert "parallel" in graph["actor"] and "batch.py" in graph["actor"]   # the graph is read, not empty
     assert tool.cycles(graph) == []
 
 
