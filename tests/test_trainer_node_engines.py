@@ -29,8 +29,7 @@ OVERRIDES = ["data.train_batch_size=4", "data.gen_batch_size=4", "rollout.n=4", 
              "data.max_response_length=4", "reward.overlong_buffer.len=1", "trainer.total_training_steps=2",
              "checkpoint.save_interval=0", "checkpoint.save_at_end=false", "trainer.val_interval=0",
              "trainer.val_before_train=false", "logging.tensorboard=false", "logging.progress_bar=false",
-             "algorithm.filter_groups.max_num_gen_batches=4", "parallel.tp=2", "parallel.pp=2",
-             "logging.mismatch_interval=1"]
+             "algorithm.filter_groups.max_num_gen_batches=4", "parallel.tp=2", "parallel.pp=2"]
 
 
 def _per_prompt(engine):
