@@ -28,6 +28,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's package
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # tools/: plot_metrics.finish_grid
 
 import numpy as np
 
@@ -204,6 +205,7 @@ def plot(agg: dict, out_png: str, *, title: str | None = None) -> int:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from plot_metrics import finish_grid
 
     labels = sorted(agg)
     panels = [(name, keys) for name, keys in PANELS
@@ -231,17 +233,7 @@ def plot(agg: dict, out_png: str, *, title: str | None = None) -> int:
                 if len(per_run) > 1:
                     ax.fill_between(steps, vals.min(0), vals.max(0), color=c, alpha=0.18, linewidth=0)
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return len(panels)
+    return finish_grid(fig, axes, len(panels), title=title, out=out_png, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:

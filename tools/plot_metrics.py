@@ -49,17 +49,26 @@ def plot(rows: list[dict], out: str, *, title: str | None = None) -> int:
             label = key if name.startswith("reward") else key.split("/", 1)[-1]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, linewidth=1.2)
         ax.set_title(name)
+    return finish_grid(fig, axes, len(panels), title=title, out=out, dpi=110)
+
+
+def finish_grid(fig, axes, num_panels: int, *, title: str | None, out: str, dpi: int) -> int:
+    """The common end of a grid of per-step panels (also ``tools/compare_runs.py``): step axis, grid and
+    legend on the used panels, the unused ones blank, the title; written to ``out``. Returns ``num_panels``."""
+    import matplotlib.pyplot as plt
+
+    for ax in list(axes.flat)[:num_panels]:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[num_panels:]:
         ax.axis("off")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
-    return len(panels)
+    return num_panels
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import ast
 import inspect
-import json
 import os
 import sys
-import traceback
 from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -304,20 +302,11 @@ def check_http_request_shapes():
     return f"ok ({how})"
 
 
-CHECKS = {name: fn for name, fn in globals().items() if name.startswith("check_")}
-
-
 def main() -> None:
     import sglang
+    from contract_report import run_checks  # this script's folder is on sys.path when it runs
 
-    results = {"version": sglang.__version__}
-    for name, fn in CHECKS.items():
-        try:
-            detail = fn()
-            results[name] = detail if isinstance(detail, str) else "ok"
-        except BaseException:  # noqa: BLE001 - every check reports, none stops the others
-            results[name] = traceback.format_exc()[-4000:]
-    print(json.dumps(results))
+    run_checks(globals(), version=sglang.__version__)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -308,20 +307,11 @@ def check_failed_results_raise():
         pass
 
 
-CHECKS = {name: fn for name, fn in globals().items() if name.startswith("check_")}
-
-
 def main() -> None:
     import vllm
+    from contract_report import run_checks  # this script's folder is on sys.path when it runs
 
-    results = {"version": vllm.__version__}
-    for name, fn in CHECKS.items():
-        try:
-            detail = fn()
-            results[name] = detail if isinstance(detail, str) else "ok"
-        except BaseException:  # noqa: BLE001 - every check reports, none stops the others
-            results[name] = traceback.format_exc()[-4000:]
-    print(json.dumps(results))
+    run_checks(globals(), version=vllm.__version__)
 
 
 if __name__ == "__main__":
