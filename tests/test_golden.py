@@ -10,8 +10,14 @@ in a commit of its own that says why:
     FIPO_REGEN_GOLDEN=1 .venv/bin/python -m pytest -q tests/test_golden.py
 
 Floats are compared as stored (JSON writes ``repr``, which round-trips a float64 exactly), not within a
-tolerance. The numbers belong to one torch build and CPU kind (the header records both): another CPU
-instruction set may round differently, and the failure message says so.
+tolerance. The numbers belong to one torch build. So that they do not also belong to one CPU, the run
+happens in a fresh interpreter whose kernels are held to code paths every x86-64 CPU executes alike
+(``PINNED_KERNELS``): torch's own kernels at their baseline instruction set instead of the AVX2/AVX-512
+variant the host would pick, MKL in its conditional-numerical-reproducibility mode ``COMPATIBLE`` (the
+same results on every Intel or AMD processor), oneDNN limited to SSE4.1. Without them the same build
+gives different bits on an AMD EPYC (AVX-512) and on the machine that first wrote the file. These
+variables are read when torch first dispatches a kernel, which is why a fresh process is needed: the test
+process has long since picked its paths.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import json
 import math
 import os
 import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -36,6 +44,9 @@ OVERRIDES = [f"trainer.total_training_steps={STEPS}", "trainer.val_interval=0", 
              "actor.ppo_mini_batch_size=2"]
 # Wall-clock quantities differ run to run; everything else is a function of the seed.
 VOLATILE = ("timing/", "perf/", "actor/timing/", "rollout/tokens_per_s")
+# Kernel paths that round the same on every x86-64 host (see the module docstring).
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "DNNL_MAX_CPU_ISA": "SSE41",
+                  "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _golden_run(rank, world_size, run_dir, tp):
@@ -72,7 +83,7 @@ def _golden_run(rank, world_size, run_dir, tp):
     return {"steps": steps, "mini_batches": mini_batches, "weights_sha256": digest.hexdigest()}
 
 
-def _run(tp: int, run_dir: str) -> dict:
+def _run_here(tp: int, run_dir: str) -> dict:
     from fipo_megatron.testing.distributed import run_distributed
 
     # Import the heavy modules once here: the forked ranks inherit them.
@@ -84,10 +95,25 @@ def _run(tp: int, run_dir: str) -> dict:
     return json.loads(json.dumps(out, allow_nan=False))
 
 
+def _run(tp: int, run_dir: str) -> dict:
+    """The golden run in a fresh interpreter with ``PINNED_KERNELS`` set (this file run as a script)."""
+    os.makedirs(run_dir, exist_ok=True)
+    out_file = os.path.join(run_dir, "golden_out.json")
+    env = {**os.environ, **PINNED_KERNELS, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(tp), run_dir, out_file], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"golden run at tp={tp} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-8000:]}")
+    with open(out_file) as f:
+        return json.load(f)
+
+
 def _environment() -> dict:
     import torch
 
-    return {"torch": torch.__version__, "machine": platform.machine(), "python": platform.python_version()}
+    return {"torch": torch.__version__, "machine": platform.machine(), "python": platform.python_version(),
+            "kernels": PINNED_KERNELS}
 
 
 def _differences(want, got, path="") -> list[str]:
@@ -139,3 +165,10 @@ def test_golden_run_is_bit_identical(tmp_path, tp):
     hint = "" if env == stored else f" (stored on {stored}, running on {env}: another build/CPU may round differently)"
     assert not diffs, (f"{len(diffs)} difference(s) from the golden run{hint}; if the numerics were meant to change, "
                        f"regenerate in a commit of its own:\n  " + "\n  ".join(diffs[:40]))
+
+
+if __name__ == "__main__":
+    # Called by ``_run``: ``python tests/test_golden.py TP RUN_DIR OUT_JSON`` under PINNED_KERNELS.
+    _tp, _run_dir, _out_file = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    with open(_out_file, "w") as _f:
+        json.dump(_run_here(_tp, _run_dir), _f)
