@@ -7,14 +7,26 @@ embedded rollout engine against transformers' ``generate``.
     python tools/benchmarks/bench_actor_vs_plain.py --device cuda --dtype bfloat16 --out figures.txt
 
 Model: a Llama shape of 44.8M parameters (hidden 512, 4 layers, 8 heads, 4 KV heads, MLP 1440, vocab
-32000, untied), random weights; both arms start from the same weights (the HF model saved and loaded into the
-actor). One step at ``--tokens`` tokens (default 8192) per step, with ``tokens / L`` sequences of length L:
+32000, untied), random weights; every arm starts from the same weights (the HF model saved and loaded into
+the actor). Both arms work under the same activation budget of ``--tokens`` tokens (default 8192) per
+micro-batch, and take one optimizer step over the whole step's sequences (one mini-batch):
 - ``actor``: ``MegatronActor.update`` on one gloo rank: the old-log-prob pass, then one FIPO mini-batch
-  (packed THD micro-batch, chunked vocab-parallel log-prob, Megatron's DDP and Adam).
-- ``plain``: transformers' forward on a right-padded batch, log-softmax gather (no-grad pass for the old
-  log-probs, then with grad), the same dual-clip PPO loss (token mean), backward, ``torch.optim.AdamW``.
-Two length patterns: ``equal`` (every sequence L tokens: no padding) and ``spread`` (lengths uniform in
-[L/4, L]: the plain loop pads every row to the longest, the actor packs).
+  (packed THD micro-batches of at most ``--tokens`` tokens, chunked vocab-parallel log-prob, Megatron's DDP
+  and Adam).
+- ``plain``: transformers' forward on right-padded micro-batches of ``tokens // L`` sequences (the number
+  that fits the budget at the longest length L), log-softmax gather (no-grad pass for the old log-probs,
+  then with grad), the same dual-clip PPO loss (token mean over the step), backward with gradient
+  accumulation, ``torch.optim.AdamW``. Each micro-batch is padded to its own longest sequence.
+- ``plain_max`` (spread only): the same loop with every sequence padded to L, the layout of padded RL
+  trainers, whose rollout pads each response to the configured maximum response length (verl,
+  ``verl/workers/rollout/vllm_rollout/vllm_rollout_spmd.py``, ``generate_sequences``:
+  ``pad_2d_list_to_length(response, ..., max_length=self.config.response_length)``, read at commit
+  006cefd3262f81fcd694e36c7451fed5a8ec1e9d) when remove-padding is off.
+Two length patterns:
+- ``equal``: ``tokens / L`` sequences of exactly L tokens (one micro-batch, nothing to pad: the arms' cost
+  per token).
+- ``spread``: ``max(4, 2 * tokens / L)`` sequences with lengths uniform in [L/4, L], in the order drawn
+  (as a rollout returns them): the actor packs them by first-fit decreasing, the plain loop pads.
 
 Time: both arms in this process, alternating, one warm-up each, then ``--repeats`` timed steps each; min and
 median are printed, the ratio is of the minima (the machine is shared, the minimum is the least disturbed).
@@ -65,11 +77,22 @@ def _sync(device):
 
 
 def _lengths(pattern: str, length: int, tokens: int, seed: int = 0) -> list[int]:
-    num = max(1, tokens // length)
     if pattern == "equal":
-        return [length] * num
+        return [length] * max(1, tokens // length)
+    # Enough sequences that the step has micro-batches to pack (at least 4, two budgets' worth at short L).
+    num = max(4, 2 * tokens // length)
     g = torch.Generator().manual_seed(seed)
     return torch.randint(length // 4, length + 1, (num,), generator=g).tolist()
+
+
+def _plain_micro_batches(lengths: list[int], *, length: int, tokens: int, pad_to_max: bool) -> list[tuple[list[int], int]]:
+    """The plain loop's micro-batches: ``(indices, padded length)``, ``tokens // L`` sequences each, in order."""
+    per = max(1, tokens // length)
+    out = []
+    for start in range(0, len(lengths), per):
+        idx = list(range(start, min(start + per, len(lengths))))
+        out.append((idx, length if pad_to_max else max(lengths[i] for i in idx)))
+    return out
 
 
 def _samples(lengths: list[int], vocab: int, seed: int = 0):
@@ -118,42 +141,57 @@ class ActorArm:
 
 
 class PlainArm:
-    """The same HF model, a right-padded batch, dual-clip PPO loss, AdamW."""
+    """The same HF model, right-padded micro-batches with gradient accumulation, dual-clip PPO loss, AdamW.
 
-    def __init__(self, model, device: torch.device):
+    ``length``: the longest sequence length L of the benchmark row (micro-batches hold ``tokens // L``
+    sequences); ``pad_to_max``: pad every sequence to L instead of to its micro-batch's longest."""
+
+    def __init__(self, model, device: torch.device, *, tokens: int, length: int, pad_to_max: bool = False):
         self.model = model.to(device).train()
         self.device = device
+        self.tokens, self.length, self.pad_to_max = tokens, length, pad_to_max
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+        self.padded_tokens = 0  # of the last step
 
     def _logp(self, ids_BL, mask_BL):
         logits = self.model(input_ids=ids_BL, attention_mask=mask_BL).logits[:, :-1].float()
         return torch.log_softmax(logits, dim=-1).gather(-1, ids_BL[:, 1:, None])[..., 0]
 
-    def step(self, batch):
-        samples = batch.samples
-        max_len = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-        ids = torch.zeros(len(samples), max_len, dtype=torch.long)
-        mask = torch.zeros(len(samples), max_len, dtype=torch.long)
-        loss_mask = torch.zeros(len(samples), max_len - 1)
+    def _pad(self, samples, width: int):
+        ids = torch.zeros(len(samples), width, dtype=torch.long)
+        mask = torch.zeros(len(samples), width, dtype=torch.long)
+        loss_mask = torch.zeros(len(samples), width - 1)
         for b, s in enumerate(samples):
             seq = s.prompt_ids + s.response_ids
             ids[b, :len(seq)] = torch.tensor(seq)
             mask[b, :len(seq)] = 1
             loss_mask[b, len(s.prompt_ids) - 1:len(seq) - 1] = 1  # positions predicting response tokens
-        ids, mask, loss_mask = ids.to(self.device), mask.to(self.device), loss_mask.to(self.device)
-        adv = torch.tensor([s.advantage for s in samples], device=self.device)[:, None]
-        with torch.no_grad():
-            old = self._logp(ids, mask)
-        logp = self._logp(ids, mask)
-        ratio = torch.exp(logp - old)
-        pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - CLIP_LOW, 1 + CLIP_HIGH))
-        pg = torch.where(adv < 0, torch.minimum(pg, -adv * CLIP_C), pg)
-        loss = (pg * loss_mask).sum() / loss_mask.sum()
-        loss.backward()
+        adv = torch.tensor([s.advantage for s in samples])[:, None]
+        return [x.to(self.device) for x in (ids, mask, loss_mask, adv)]
+
+    def step(self, batch):
+        samples = batch.samples
+        lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+        plan = _plain_micro_batches(lengths, length=max(self.length, max(lengths)), tokens=self.tokens,
+                                    pad_to_max=self.pad_to_max)
+        total_response = sum(len(s.response_ids) for s in samples)  # token mean over the whole step
+        self.padded_tokens, loss_sum = 0, 0.0
+        for idx, width in plan:
+            ids, mask, loss_mask, adv = self._pad([samples[i] for i in idx], width)
+            self.padded_tokens += ids.numel()
+            with torch.no_grad():
+                old = self._logp(ids, mask)
+            logp = self._logp(ids, mask)
+            ratio = torch.exp(logp - old)
+            pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - CLIP_LOW, 1 + CLIP_HIGH))
+            pg = torch.where(adv < 0, torch.minimum(pg, -adv * CLIP_C), pg)
+            loss = (pg * loss_mask).sum() / total_response
+            loss.backward()
+            loss_sum += float(loss)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss_sum
 
 
 # ---------------------------------------------------------------- measurement
@@ -167,21 +205,21 @@ def _peak_bytes(device) -> int:
     return -1
 
 
-def _build(arm: str, args, hf_dir: str, device):
+def _build(arm: str, args, hf_dir: str, device, *, length: int):
     dtype = getattr(torch, args.dtype)
     if arm == "actor":
         return ActorArm(hf_dir, max_len=args.max_len, tokens=args.tokens, dtype=args.dtype, device=device)
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
-    return PlainArm(model, device)
+    return PlainArm(model, device, tokens=args.tokens, length=length, pad_to_max=arm == "plain_max")
 
 
 def _child(args) -> None:
     """One arm, one step, alone in this process: print its peak memory as JSON."""
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    arm = _build(args.child, args, args.hf_dir, device)
+    arm = _build(args.child, args, args.hf_dir, device, length=args.length)
     batch = _samples(_lengths(args.pattern, args.length, args.tokens), SHAPE["vocab_size"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -199,13 +237,14 @@ def _child_peak(arm: str, pattern: str, length: int, args, hf_dir: str) -> float
     return json.loads(last)["peak_bytes"] / 2**20
 
 
-def _time_arms(arms: dict, batch, repeats: int, device) -> dict[str, list[float]]:
+def _time_arms(arms: dict, batch, warmup, repeats: int, device) -> dict[str, list[float]]:
+    """Alternate the arms; round 0 runs ``warmup`` (a smaller batch: Adam state, allocator, kernels)."""
     times = {name: [] for name in arms}
-    for i in range(repeats + 1):  # round 0 warms up (Adam state, allocator, kernels)
+    for i in range(repeats + 1):
         for name, arm in arms.items():
             _sync(device)
             t0 = time.perf_counter()
-            arm.step(batch)
+            arm.step(warmup if i == 0 else batch)
             _sync(device)
             if i > 0:
                 times[name].append(time.perf_counter() - t0)
@@ -213,33 +252,47 @@ def _time_arms(arms: dict, batch, repeats: int, device) -> dict[str, list[float]
 
 
 def bench_training(args, emit) -> None:
+    import transformers
+
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     model = _hf_model(args.max_len, dtype)
     num_params = sum(p.numel() for p in model.parameters())
     hf_dir = tempfile.mkdtemp(prefix="bench_actor_hf_")
     model.save_pretrained(hf_dir)
+    del model
     emit(f"# model: llama {SHAPE}, {num_params / 1e6:.1f}M parameters, {args.dtype}, device {args.device}, "
-         f"threads {torch.get_num_threads()}, {args.tokens} tokens per step, repeats {args.repeats}")
-    arms = {"actor": _build("actor", args, hf_dir, device), "plain": PlainArm(model, device)}
+         f"threads {torch.get_num_threads()}, {args.tokens} tokens per micro-batch, repeats {args.repeats}")
+    actor = _build("actor", args, hf_dir, device, length=args.max_len)
     mem_note = "peak RSS (VmHWM) of a fresh subprocess per arm" if device.type == "cpu" else \
         "torch.cuda.max_memory_allocated of a fresh subprocess per arm"
-    emit(f"# memory: {mem_note}")
-    emit("| pattern | L | seqs | real tokens | padded tokens | actor s (min/med) | plain s (min/med) | "
-         "actor/plain | actor MiB | plain MiB |")
-    emit("|---|---|---|---|---|---|---|---|---|---|")
+    emit(f"# memory: {mem_note}; times: min / median of the timed steps; x = plain arm time / actor time")
+    emit("| pattern | L | seqs | real tokens | padded: plain / plain_max | actor s | plain s | plain_max s | "
+         "plain / actor | plain_max / actor | MiB actor / plain / plain_max |")
+    emit("|---|---|---|---|---|---|---|---|---|---|---|")
     for pattern in args.patterns:
         for length in args.lengths:
             lengths = _lengths(pattern, length, args.tokens)
             batch = _samples(lengths, SHAPE["vocab_size"])
-            times = _time_arms(arms, batch, args.repeats, device)
-            a, p = min(times["actor"]), min(times["plain"])
-            mem = ("-", "-")
+            warmup = _samples(lengths[:max(1, args.tokens // length)], SHAPE["vocab_size"])
+            names = ["actor", "plain"] + (["plain_max"] if pattern == "spread" else [])
+            arms = {"actor": actor}
+            for name in names[1:]:
+                hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+                arms[name] = PlainArm(hf, device, tokens=args.tokens, length=length, pad_to_max=name == "plain_max")
+            times = _time_arms(arms, batch, warmup, args.repeats, device)
+            best = {name: min(t) for name, t in times.items()}
+            cell = {name: f"{best[name]:.2f} / {statistics.median(times[name]):.2f}" for name in names}
+            padded = {name: arms[name].padded_tokens for name in names[1:]}
+            mem = {name: "-" for name in names}
             if not args.skip_memory:
-                mem = tuple(f"{_child_peak(arm, pattern, length, args, hf_dir):.0f}" for arm in ("actor", "plain"))
-            emit(f"| {pattern} | {length} | {len(lengths)} | {sum(lengths)} | {len(lengths) * max(lengths)} | "
-                 f"{a:.2f} / {statistics.median(times['actor']):.2f} | "
-                 f"{p:.2f} / {statistics.median(times['plain']):.2f} | {a / p:.3f} | {mem[0]} | {mem[1]} |")
+                mem = {name: f"{_child_peak(name, pattern, length, args, hf_dir):.0f}" for name in names}
+            emit(f"| {pattern} | {length} | {len(lengths)} | {sum(lengths)} | {padded['plain']} / "
+                 f"{padded.get('plain_max', '-')} | {cell['actor']} | {cell['plain']} | {cell.get('plain_max', '-')} | "
+                 f"{best['plain'] / best['actor']:.2f}x | "
+                 + (f"{best['plain_max'] / best['actor']:.2f}x" if "plain_max" in best else "-")
+                 + f" | {' / '.join(mem[n] for n in names)} |")
+            del arms
 
 
 def bench_engine(args, emit) -> None:
@@ -291,7 +344,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["training", "engine"], default=None)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--patterns", nargs="+", default=["equal", "spread"], choices=["equal", "spread"])
-    parser.add_argument("--tokens", type=int, default=8192, help="tokens per step (sequences = tokens / L)")
+    parser.add_argument("--tokens", type=int, default=8192,
+                        help="tokens per micro-batch, both arms (equal: the step is one micro-batch of tokens / L sequences)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu")
@@ -300,7 +354,7 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", default=None, help="also append the figures to this file")
     # internal: one arm in a fresh process (peak memory)
-    parser.add_argument("--child", choices=["actor", "plain"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["actor", "plain", "plain_max"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--pattern", default="equal", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, default=1024, help=argparse.SUPPRESS)
     parser.add_argument("--hf-dir", default=None, help=argparse.SUPPRESS)
