@@ -6,7 +6,7 @@
         acc.add(keep_informative_groups(groups, values_of=lambda g: g.accs), num_generated=len(groups))
     batch_groups = acc.take(on_exhausted="raise")       # DAPO raises if the budget ran out before it filled
 
-The trainer's rollout phase (``rollout/collect.py``) is this loop.
+The trainer's rollout phase (``rollout/phase.py``, ``RolloutPhase.collect``) is this loop.
 """
 
 from __future__ import annotations

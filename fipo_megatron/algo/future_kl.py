@@ -103,6 +103,7 @@ def _packed_chunk_layout(cu_seqlens: torch.Tensor, num_tokens: int, chunk_size: 
 
 
 def _scan_packed(x_N: torch.Tensor, cu_seqlens: torch.Tensor, gamma: float, chunk_size: int) -> torch.Tensor:
+    """FutureKL of a packed 1-D tensor, restarting at every ``cu_seqlens`` boundary (module docstring, 1-3)."""
     num_tokens = x_N.numel()
     num_seqs = cu_seqlens.numel() - 1
     if num_tokens == 0 or num_seqs == 0:
@@ -170,7 +171,7 @@ def future_kl(x: torch.Tensor, gamma: float, cu_seqlens: torch.Tensor | None = N
 def segment_scan(x: torch.Tensor, gamma: float, cu_seqlens: torch.Tensor | None = None, *,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, compute_dtype: torch.dtype | None = torch.float64
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local scan of independent segments for the context-parallel split (docs/algorithm.md §3).
+    """Local scan of independent segments for the context-parallel split (docs/algorithm.md §3.1).
 
     Returns ``(F_loc, S)``: ``F_loc`` = :func:`future_kl` of each segment (summed to the segment's end
     only) and ``S`` its total ``F_loc`` at the segment's first token, one value per row (B,) or per

@@ -18,7 +18,11 @@ _POS_QUANTILES = {"pos_is_p25": 0.25, "pos_is_median": 0.5, "pos_is_p75": 0.75, 
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` where ``mask`` (bool) is set, accumulated in float64; 0 when nothing is."""
+    """Mean of ``values`` where ``mask`` (bool) is set; 0 when nothing is.
+
+    Accumulated in float64: the sum runs over up to millions of tokens whose terms may cancel (the
+    log-ratios behind ``ppo_kl`` have both signs), where a float32 total would keep few significant digits.
+    """
     return torch.where(mask, values, 0).sum(dtype=torch.float64) / mask.sum().clamp(min=1)
 
 

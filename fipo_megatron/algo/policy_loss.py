@@ -67,7 +67,10 @@ TOKEN_TAP_FIELDS = ("delta_logp", "future_kl", "influence_weight", "advantage", 
 
 class ContextParallelShard(Protocol):
     """What a loss needs of context parallelism: the layout of this rank's zig-zag share and the two
-    collectives that complete a per-sequence quantity over the CP group."""
+    collectives that complete a per-sequence quantity over the CP group (docs/algorithm.md §3.1).
+
+    ``cp_size``: ranks in the CP group; with 1 every rank holds whole sequences and the loss ignores the
+    shard."""
 
     cp_size: int
 
@@ -118,7 +121,7 @@ class PolicyLossConfig:
         decay_rate: tau, the FutureKL half-life in tokens (gamma = 2^(-1/tau)).
         future_kl_clip_ratio: r of the influence-weight clamp; 0 means f = min(exp(FutureKL), 10).
         future_kl_clip_high_only: clamp f to [1, 1+r] (True, 32B) or [1-r, 1+r] (False, 7B).
-        safety_thresh: negative-advantage tokens with ratio above it get f clamped to [0.8, 1.0].
+        safety_thresh: negative-advantage tokens with ratio above it get f clamped to [0.8, 1.0] (§4).
         loss_agg_mode: "token-mean" or "token-mean-microbatch" (see the module docstring).
     """
 
@@ -197,10 +200,15 @@ def clipped_policy_loss(*, log_prob: torch.Tensor, old_log_prob: torch.Tensor, a
                         cp: ContextParallelShard | None = None,
                         use_future_kl: bool, invalidate_seqs: bool, clip_ratio_high: float,
                         token_tap: dict | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The shared body of the built-in losses: dual-clip PPO on ``A * f`` (docs/algorithm.md §5).
+    """The shared body of the built-in losses: dual-clip PPO on ``A * f`` (docs/algorithm.md §1-5).
 
-    ``use_future_kl``: f from FutureKL (FIPO) or f = 1; ``invalidate_seqs``: drop responses with more
-    than one dual-clipped negative-advantage token; ``clip_ratio_high``: the upper PPO clip.
+    ``use_future_kl``: f from FutureKL (FIPO, §2-4) or f = 1; ``invalidate_seqs``: drop responses with more
+    than one dual-clipped negative-advantage token (§5); ``clip_ratio_high``: the upper PPO clip. The other
+    arguments are those of the module's loss signature.
+
+    Returns ``(loss, metrics)``: a 0-dim tensor whose gradient flows only through ``log_prob`` (aggregated
+    as ``config.loss_agg_mode`` says), and python floats (see the module docstring). Raises ValueError for
+    inputs of mismatched shapes or offsets.
     """
     if cu_seqlens is None and cp is not None and cp.is_packed and log_prob.dim() == 1:
         cu_seqlens = cp.local_cu_seqlens
@@ -209,6 +217,7 @@ def clipped_policy_loss(*, log_prob: torch.Tensor, old_log_prob: torch.Tensor, a
         cp = None  # one CP rank holds whole sequences: the plain scan and counts are already complete
     c = config.clip_ratio_c
     if log_prob.dtype in (torch.float16, torch.bfloat16):
+        # bf16 resolves log-probs near -5 only to steps of 2^-5: coarser than the log-ratios FutureKL sums.
         log_prob = log_prob.float()
     old_log_prob = old_log_prob.detach().to(log_prob.dtype)
     advantages = advantages.detach().to(log_prob.dtype)
@@ -233,6 +242,7 @@ def clipped_policy_loss(*, log_prob: torch.Tensor, old_log_prob: torch.Tensor, a
     else:
         adv_w = advantages
 
+    # docs/algorithm.md §5: PPO clip with clip-higher, then the dual clip for negative advantages.
     loss1 = -adv_w * ratio
     loss2 = -adv_w * ratio.clamp(1.0 - config.clip_ratio_low, 1.0 + clip_ratio_high)
     loss_max = torch.maximum(loss1, loss2)
@@ -241,7 +251,7 @@ def clipped_policy_loss(*, log_prob: torch.Tensor, old_log_prob: torch.Tensor, a
 
     with torch.no_grad():
         num_seqs, seq_ids = _sequence_layout(log_prob.shape, cu_seqlens, log_prob.device)
-        dual_clipped = (advantages < 0) & mask & (loss_max.detach() > loss3)
+        dual_clipped = (advantages < 0) & mask & (loss_max.detach() > loss3)  # §5, sequence invalidation
         if invalidate_seqs:
             if seq_ids is None:
                 counts = dual_clipped.sum(dim=1)
