@@ -112,47 +112,71 @@ class RolloutEngine(Protocol):
     """A generation engine the trainer drives. Weight sync is bucketed: ``update_weights`` is called once
     per bucket of HF-named *full* (unsharded) tensors, then ``finish_weight_update`` once.
 
-    Engines subclass this protocol explicitly, so they inherit the defaults of its optional methods
-    (``weight_transport``, ``connect_weight_sync``, ``end_phase``, ``shutdown``) and callers never need to
-    ask whether an engine has one."""
+    Required: ``generate``, ``update_weights``, ``finish_weight_update``, ``release_memory``,
+    ``resume_memory``. Optional, with the defaults below: ``weight_transport``, ``connect_weight_sync``,
+    ``end_phase``, ``shutdown``, ``state_dict``, ``load_state_dict``. Engines subclass this protocol
+    explicitly, so they inherit those defaults and callers never need to ask whether an engine has one.
+
+    The trainer's order of calls: ``connect_weight_sync`` once after the engine is built; per step
+    ``generate`` (one or more calls, then ``end_phase``), ``release_memory`` while the actor trains,
+    ``resume_memory``, one sync (``weight_transport().send`` per bucket, then ``finish``: by default
+    ``update_weights`` per bucket and ``finish_weight_update``); ``state_dict`` whenever the trainer
+    records a resumable state, ``load_state_dict`` on resume; ``shutdown`` at the end."""
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[RolloutOutput]:
-        """Sample ``sampling.n`` responses per prompt; outputs grouped by prompt, in prompt order."""
+        """Sample ``sampling.n`` responses to each prompt (a list of token ids, at least one token).
+
+        Returns ``len(prompt_token_ids) * sampling.n`` outputs grouped by prompt, in prompt order (the
+        ``n`` responses of prompt 0 first), each with ``prompt_index`` its prompt's index in this call and
+        log-probs by the module docstring's convention. With ``sampling.seed`` set, an engine that supports
+        seeding samples reproducibly. Raises what the engine raises; a server engine that cannot be reached
+        raises ``EngineUnavailableError`` (``rollout/http_client.py``), leaving the trainer's state untouched.
+        """
         ...
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        """Load one bucket of HF-named full tensors into the engine's model."""
+        """Load one bucket of ``(HF name, full tensor)`` pairs into the engine's model.
+
+        Callers end the sync with ``finish_weight_update`` before the next ``generate``. A name or shape the
+        model does not have raises (``WeightSyncError``, or ValueError naming the tensor). Engines that receive
+        over a process group raise NotImplementedError and take buckets through ``weight_transport``."""
         ...
 
     def finish_weight_update(self) -> None:
-        """Called after the last bucket of a sync (flush prefix/KV caches, post-process weights)."""
+        """End a sync after its last bucket: flush the prefix/KV caches computed with the old weights and
+        post-process the new ones. Raises ``WeightSyncError`` when the engine cannot (a stale cache would
+        keep sampling from the old policy)."""
         ...
 
     def release_memory(self) -> None:
-        """Free the engine's GPU memory (weights and KV cache) while the trainer runs."""
+        """Free the engine's GPU memory (weights and KV cache) while the trainer trains; ``resume_memory``
+        comes before the next sync or ``generate``. A no-op where there is nothing to free (CPU)."""
         ...
 
     def resume_memory(self) -> None:
-        """Take the memory back before the next ``update_weights``/``generate``."""
+        """Take back what ``release_memory`` freed, before the next weight sync (the trainer resumes the
+        engine first, then syncs, then generates). A no-op when nothing was released."""
         ...
 
     def weight_transport(self):
-        """How weight buckets reach this engine (``weights/transport.py``). Default: handed to
-        ``update_weights`` in this process; server engines that receive over a process group override it."""
+        """How weight buckets reach this engine: a ``weights.transport.WeightTransport`` for one sync.
+        Default: buckets handed to ``update_weights`` in this process; server engines that receive over a
+        process group override it."""
         from fipo_megatron.weights.transport import InProcessTransport
 
         return InProcessTransport(self)
 
     def connect_weight_sync(self) -> None:
-        """Join the engine's weight-sync group once, right after it is built (disaggregated servers).
-        Default: nothing to join."""
+        """Join the engine's weight-sync group once, right after it is built, so a server that cannot join
+        fails the start-up rather than the first sync (disaggregated servers). Default: nothing to join."""
 
     def end_phase(self) -> None:
         """The trainer's rollout (or validation) phase is over: release helpers that serve it (per-node
-        engines). Default: nothing to release."""
+        engines). Called on rank 0 after each phase, even one that failed. Default: nothing to release."""
 
     def shutdown(self) -> None:
-        """Stop the engine and everything it started. Default: nothing was started."""
+        """Stop the engine and everything it started (never a server it only connects to). Default:
+        nothing was started."""
 
     def state_dict(self) -> dict:
         """What a resumed run needs to sample as an uninterrupted one would (JSON-serialisable; several

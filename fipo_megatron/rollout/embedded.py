@@ -108,6 +108,8 @@ class EmbeddedEngine(RolloutEngine):
     # ---------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[RolloutOutput]:
+        """Decode ``max_batch_size`` sequences at a time; one generator seeded with ``sampling.seed`` serves
+        the whole call. RuntimeError between ``release_memory`` and ``resume_memory``."""
         if any(len(p) == 0 for p in prompt_token_ids):
             raise ValueError("EmbeddedEngine.generate: every prompt needs at least one token")
         if self._released:
@@ -183,6 +185,8 @@ class EmbeddedEngine(RolloutEngine):
     # ---------------------------------------------------------------- weights
     @torch.no_grad()
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        """Copy each tensor into the parameter of that name, cast to its dtype (a tied parameter answers to
+        either name); ValueError naming unknown names or a shape mismatch, before anything is copied."""
         unknown = [name for name, _ in named_tensors if name not in self._params]
         if unknown:
             raise ValueError(f"EmbeddedEngine.update_weights: {len(unknown)} unknown parameter name(s) "
@@ -196,6 +200,8 @@ class EmbeddedEngine(RolloutEngine):
             self._received.add(param.data_ptr())
 
     def finish_weight_update(self) -> None:
+        """Check that every parameter received a tensor since the last sync: ValueError with
+        ``strict_sync``, else a warning. The model reads its parameters directly: no cache to flush."""
         missing = sorted({name for name, p in self._params.items() if p.data_ptr() not in self._received})
         self._received.clear()
         if missing:
@@ -206,19 +212,23 @@ class EmbeddedEngine(RolloutEngine):
 
     # ---------------------------------------------------------------- memory
     def release_memory(self) -> None:
-        # On CPU there is nothing to give back; on GPU the weights wait in host memory.
+        """On GPU, move the model to host memory until ``resume_memory``; on CPU there is nothing to free."""
         if self.device.type == "cuda":
             self.model.to("cpu")
             torch.cuda.empty_cache()
             self._released = True
 
     def resume_memory(self) -> None:
+        """Move the model back to its device after ``release_memory``."""
         if self._released:
             self.model.to(self.device)
+            # Module.to may hand back new tensor objects (buffers always; parameters under torch's
+            # overwrite_module_params_on_conversion): re-read the name -> tensor map.
             self._params = dict(self.model.state_dict(keep_vars=True))
             self._released = False
 
     def shutdown(self) -> None:
+        """Give back the GPU memory (as ``release_memory``); the engine started no process."""
         self.release_memory()
 
 

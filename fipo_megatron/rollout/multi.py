@@ -73,6 +73,7 @@ class CostModel:
         self._num_response_tokens = 0
 
     def costs(self, prompts: list[list[int]]) -> list[float]:
+        """Expected cost of each prompt, in tokens (see the class docstring)."""
         default = self._num_response_tokens / self._num_responses if self._num_responses else 0.0
         return [len(p) + self._last.get(_prompt_key(p), default) for p in prompts]
 
@@ -93,10 +94,12 @@ class CostModel:
             self._last.popitem(last=False)
 
     def state_dict(self) -> dict:
+        """The history as JSON-serialisable values (prompt key -> mean response length, and the totals)."""
         return {"last": dict(self._last), "num_responses": self._num_responses,
                 "num_response_tokens": self._num_response_tokens}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a ``state_dict`` result (keys and values as JSON gave them back)."""
         self._last = OrderedDict((str(k), float(v)) for k, v in state["last"].items())
         self._num_responses = int(state["num_responses"])
         self._num_response_tokens = int(state["num_response_tokens"])
@@ -157,6 +160,8 @@ class MultiEngine(RolloutEngine):
         return results
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[RolloutOutput]:
+        """One shard per engine, split by expected cost and sampled concurrently (module docstring); the
+        outputs in prompt order with global ``prompt_index``. RuntimeError naming the engine that failed."""
         parts = balanced_split(self.cost_model.costs(prompt_token_ids), len(self.engines))
         futures = {}
         for i, indices in enumerate(parts):
@@ -184,31 +189,39 @@ class MultiEngine(RolloutEngine):
         return self.cost_model.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the split's cost history."""
         self.cost_model.load_state_dict(state)
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        for engine in self.engines:  # in order: in-process engines copy from the same tensors
+        """Hand the bucket to every engine in turn: in-process engines copy from the same tensors."""
+        for engine in self.engines:
             engine.update_weights(named_tensors)
 
     def finish_weight_update(self) -> None:
+        """Finish the sync on every engine concurrently; RuntimeError naming the first that failed."""
         self._on_all("finish_weight_update")
 
     def weight_transport(self):
+        """A ``FanOutTransport`` over every engine's own transport."""
         from fipo_megatron.weights.transport import FanOutTransport
 
         return FanOutTransport([e.weight_transport() for e in self.engines])
 
     def connect_weight_sync(self) -> None:
-        for engine in self.engines:  # one rendezvous at a time: each binds its own port
+        """Each engine joins its own weight-sync group, one after the other: each binds its own port."""
+        for engine in self.engines:
             engine.connect_weight_sync()
 
     def release_memory(self) -> None:
+        """``release_memory`` on every engine concurrently; RuntimeError naming the first that failed."""
         self._on_all("release_memory")
 
     def resume_memory(self) -> None:
+        """``resume_memory`` on every engine concurrently; RuntimeError naming the first that failed."""
         self._on_all("resume_memory")
 
     def shutdown(self) -> None:
+        """Shut every engine down, even if one fails (the first failure is raised), then the thread pool."""
         try:
             self._on_all("shutdown")
         finally:

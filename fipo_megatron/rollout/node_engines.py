@@ -124,6 +124,8 @@ class NodeEngines(RolloutEngine):
         self.cost_model = CostModel()
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[RolloutOutput]:
+        """One shard per node, split by expected cost: sent to the node leaders, rank 0's own sampled here,
+        the rest gathered back in prompt order (module docstring). RuntimeError naming a node that failed."""
         parts = balanced_split(self.cost_model.costs(prompt_token_ids), len(self.leaders))
         shards = [[prompt_token_ids[j] for j in indices] for indices in parts]
         dist.broadcast_object_list([(_GENERATE, shards, sampling)], src=0, group=self.group)
@@ -146,6 +148,7 @@ class NodeEngines(RolloutEngine):
         return {"nodes": self.cost_model.state_dict(), "local": self.local.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict``'s result: the nodes' split history and rank 0's own engine's state."""
         self.cost_model.load_state_dict(state["nodes"])
         self.local.load_state_dict(state["local"])
 
@@ -153,23 +156,30 @@ class NodeEngines(RolloutEngine):
         """Release the other leaders from ``serve_rollouts`` (after the last ``generate`` of a phase)."""
         dist.broadcast_object_list([(_DONE, None, None)], src=0, group=self.group)
 
-    # Weights and memory: rank 0's own engine; the other leaders handle theirs (see the trainer).
+    # Weights and memory: rank 0's own engine; the other leaders handle theirs (the trainer calls these on
+    # every rank that holds an engine, and NodeWeightSync feeds every node).
     def weight_transport(self):
+        """Rank 0's own engine's transport."""
         return self.local.weight_transport()
 
     def update_weights(self, named_tensors) -> None:
+        """Into rank 0's own engine."""
         self.local.update_weights(named_tensors)
 
     def finish_weight_update(self) -> None:
+        """Rank 0's own engine's."""
         self.local.finish_weight_update()
 
     def release_memory(self) -> None:
+        """Rank 0's own engine's."""
         self.local.release_memory()
 
     def resume_memory(self) -> None:
+        """Rank 0's own engine's."""
         self.local.resume_memory()
 
     def shutdown(self) -> None:
+        """Rank 0's own engine's (each leader shuts its own down)."""
         self.local.shutdown()
 
 

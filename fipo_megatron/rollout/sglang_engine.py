@@ -114,6 +114,8 @@ def parse_sglang_output(item: dict[str, Any], *, prompt_index: int) -> RolloutOu
 
 
 def parse_generate_response(response: Any, index: list[int]) -> list[RolloutOutput]:
+    """SGLang's answer to a batch of requests (a list, or one object for one request) -> one ``RolloutOutput``
+    per request, ``index[k]`` the prompt of request ``k``; RuntimeError when the counts differ."""
     items = response if isinstance(response, list) else [response]
     if len(items) != len(index):
         raise RuntimeError(f"SGLang returned {len(items)} outputs for {len(index)} requests")
@@ -196,26 +198,33 @@ class SGLangEngine(RolloutEngine):
         SGLangEngine._live = self
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[RolloutOutput]:
+        """``Engine.generate`` of one request per response (``generate_payload``: each with its own seed)."""
         _, index = expand_prompts(prompt_token_ids, sampling.n)
         return parse_generate_response(self.engine.generate(**generate_payload(prompt_token_ids, sampling)), index)
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        # One call per bucket; the prefix cache is flushed once, in finish_weight_update. A name or shape the
-        # model does not know comes back as (False, message) from the scheduler, not as an exception.
+        """``update_weights_from_tensor`` of one bucket without a cache flush (``finish_weight_update`` flushes
+        once per sync); ``WeightSyncError`` when SGLang refuses it."""
+        # A name or shape the model does not know comes back as (False, message) from the scheduler, not as
+        # an exception.
         result = self.engine.update_weights_from_tensor(named_tensors=named_tensors, flush_cache=False)
         _check_result(result, f"update_weights_from_tensor ({len(named_tensors)} tensors, first "
                               f"{named_tensors[0][0] if named_tensors else None!r})", WeightSyncError)
 
     def finish_weight_update(self) -> None:
+        """Flush SGLang's prefix cache (KV of the old weights); ``WeightSyncError`` when it reports failure."""
         _check_result(self.engine.flush_cache(), "flush_cache after the weight update", WeightSyncError)
 
     def release_memory(self) -> None:
+        """``release_memory_occupation`` (needs ``enable_memory_saver``, on by default in the config)."""
         _check_result(self.engine.release_memory_occupation(), "release_memory_occupation")
 
     def resume_memory(self) -> None:
+        """``resume_memory_occupation``."""
         _check_result(self.engine.resume_memory_occupation(), "resume_memory_occupation")
 
     def shutdown(self) -> None:
+        """Stop the ``sglang.Engine`` and its processes; the process may then build another engine."""
         try:
             self.engine.shutdown()
         finally:
@@ -259,6 +268,7 @@ class WeightSyncConfig:
                              f"got {self.engine_world_size!r}")
 
     def world_sizes(self, num_servers: int) -> list[int]:
+        """The ``engine_world_size`` of each of ``num_servers`` servers; ValueError for a list of another length."""
         if not isinstance(self.engine_world_size, list):
             return [self.engine_world_size] * num_servers
         if len(self.engine_world_size) != num_servers:
@@ -267,6 +277,7 @@ class WeightSyncConfig:
         return list(self.engine_world_size)
 
     def address(self) -> str:
+        """``master_address``, else ``$MASTER_ADDR``, else this host's fully qualified name."""
         import os
         import socket
 
@@ -380,6 +391,7 @@ class SGLangServerEngine(RolloutEngine):
         return request_json(f"{self.base_url}/server_info", None, method="GET", policy=self.retry)
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[RolloutOutput]:
+        """``POST /generate`` of one request per response, retried under the client's ``RetryPolicy``."""
         _, index = expand_prompts(prompt_token_ids, sampling.n)
         return parse_generate_response(self._post("/generate", generate_payload(prompt_token_ids, sampling)), index)
 
@@ -417,20 +429,25 @@ class SGLangServerEngine(RolloutEngine):
                                       on_finish=self.finish_weight_update, device=device)
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        """Unsupported (NotImplementedError): buckets reach a server through ``weight_transport``."""
         raise NotImplementedError("SGLangServerEngine receives weights through weight_transport() "
                                   "(process-group broadcast), not update_weights")
 
     def finish_weight_update(self) -> None:
+        """``POST /flush_cache`` once after the last bucket, never retried; ``WeightSyncError`` if refused."""
         # /flush_cache answers plain text: 200 on success, 400 with the reason otherwise.
         self._post_weights("/flush_cache")
 
     def release_memory(self) -> None:
+        """``POST /release_memory_occupation``."""
         _check_success(self._post("/release_memory_occupation"), f"{self.base_url}/release_memory_occupation")
 
     def resume_memory(self) -> None:
+        """``POST /resume_memory_occupation``."""
         _check_success(self._post("/resume_memory_occupation"), f"{self.base_url}/resume_memory_occupation")
 
     def shutdown(self) -> None:
+        """Forget the weight-sync group; the server keeps running."""
         # The server was started by someone else (a launcher script); it is not ours to stop.
         self.group = None
 
@@ -471,6 +488,7 @@ class SGLangServerPool(MultiEngine):
         self.group = None
 
     def connect_weight_sync(self):
+        """Join one weight-sync group spanning every server (``join_weight_group``); on the exporting rank."""
         ws = _require_weight_sync(self.weight_sync)
         self.group = join_weight_group(self.engines, master_address=ws.address(), master_port=ws.master_port,
                                        engine_world_sizes=ws.world_sizes(len(self.engines)),
@@ -478,9 +496,12 @@ class SGLangServerPool(MultiEngine):
         return self.group
 
     def announce_bucket(self, names: list[str], dtypes: list[str], shapes: list[list[int]]) -> None:
+        """``SGLangServerEngine.announce_bucket`` on every server, concurrently: each answers only once the
+        bucket's broadcasts have landed, so they must all be waiting before the first broadcast."""
         self._on_all("announce_bucket", names, dtypes, shapes)
 
     def weight_transport(self, *, device=None):
+        """One ``NcclBroadcastTransport`` over the group of every server (after ``connect_weight_sync``)."""
         from fipo_megatron.weights.nccl_transport import NcclBroadcastTransport
 
         if self.group is None:

@@ -163,6 +163,8 @@ class WeightLoaderExtension:
     by name through ``collective_rpc`` instead of a pickled function."""
 
     def fipo_load_weights(self, entries: list[dict[str, Any]]) -> int:
+        """In each vLLM worker: ``model.load_weights`` of the bucket ``open_bucket`` rebuilds; returns how many
+        tensors it loaded."""
         named = open_bucket(entries)
         self.model_runner.model.load_weights(weights=named)
         if any(e["kind"] == "ipc" for e in entries):
@@ -206,6 +208,7 @@ class VLLMEngine(RolloutEngine):
         self.llm = vllm.LLM(**self.config.llm_kwargs())
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[RolloutOutput]:
+        """``LLM.generate`` of one request per response (``vllm_requests``: each with its own seed)."""
         from vllm.inputs import TokensPrompt
 
         prompts, kwargs, index = vllm_requests(prompt_token_ids, sampling)
@@ -216,6 +219,8 @@ class VLLMEngine(RolloutEngine):
         return [parse_vllm_output(o, prompt_index=i) for o, i in zip(outputs, index)]
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        """The bucket to every worker by ``collective_rpc``: CUDA tensors as IPC handles, CPU ones as bytes
+        (module docstring); ``WeightSyncError`` unless every worker loaded all of it."""
         if torch.cuda.is_available() and all(t.is_cuda for _, t in named_tensors):
             alive = [(n, t.detach().contiguous()) for n, t in named_tensors]  # alive until the rpc returns
             torch.cuda.current_stream().synchronize()
@@ -228,18 +233,22 @@ class VLLMEngine(RolloutEngine):
                                   f"(first {entries[0]['name'] if entries else None!r})")
 
     def finish_weight_update(self) -> None:
+        """Reset vLLM's prefix cache; ``WeightSyncError`` when vLLM reports it could not."""
         if self.llm.reset_prefix_cache() is False:
             raise WeightSyncError("vLLM did not reset its prefix cache after the weight update (requests still "
                                   "running?); cached prefixes would be served from the old weights")
 
     def release_memory(self) -> None:
+        """``LLM.sleep(level=1)`` (needs ``enable_sleep_mode``, on by default in the config)."""
         self.llm.sleep(level=1)
 
     def resume_memory(self) -> None:
+        """``LLM.wake_up()``; RuntimeError when vLLM reports it is not fully awake."""
         if self.llm.wake_up() is False:
             raise RuntimeError("vLLM wake_up() reported the engine not fully awake")
 
     def shutdown(self) -> None:
+        """Drop this engine's ``vllm.LLM``."""
         del self.llm
 
 
