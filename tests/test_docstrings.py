@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fipo_megatron"
 COVERED = [
     "algo",
     "rollout",
+    "weights",
 ]
 
 

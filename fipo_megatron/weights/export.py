@@ -336,6 +336,7 @@ class StageRoute:
 
     @property
     def members(self) -> tuple[int, ...]:
+        """Sources and receivers, sorted: the ranks of ``group`` and ``object_group``."""
         return tuple(sorted(set(self.sources) | set(self.receivers)))
 
 

@@ -1,7 +1,7 @@
 """Broadcast buckets to a disaggregated engine over a process group shared with it (NCCL on GPUs).
 
 The trainer's exporting rank is rank 0 of a *separate* group whose other members are the engine's
-workers (SGLang ``init_weights_update_group`` / vLLM's weight-transfer group). The group is built the
+workers (SGLang's ``init_weights_update_group``, ``rollout.sglang_engine.join_weight_group``). The group is built the
 way SGLang builds its side (``sglang/srt/utils``: ``init_custom_process_group``: a TCP rendezvous at
 ``master_address:master_port``, a ``PrefixStore(group_name)``, then torch's ``_new_process_group_helper``),
 so both sides meet in the same store keys without touching either side's default process group.
@@ -43,6 +43,9 @@ def init_weight_update_group(*, master_address: str, master_port: int, rank: int
     options_kw = {"backend_options": None} if "backend_options" in params else {"pg_options": None}
     group, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend), store,
                                               group_name=group_name, timeout=timeout, **options_kw)
+    # Collectives translate ``src``/``dst`` through this map (``get_group_rank`` in torch's
+    # distributed_c10d.py raises "Group ... is not registered" without it); the group's own ranks stand in
+    # for global ones, as SGLang's side does.
     c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
 
@@ -56,7 +59,8 @@ class NcclBroadcastTransport:
     """Send each bucket by ``announce(names, dtypes, shapes)`` (run in a thread: the engine answers after
     receiving) plus one broadcast per tensor from rank 0 of ``group``; ``on_finish`` after the last bucket.
 
-    ``announce`` and ``on_finish`` come from the engine client (``SGLangServerEngine.weight_sync_callbacks``).
+    ``announce`` and ``on_finish`` come from the engine client (``SGLangServerEngine.weight_transport``:
+    its ``announce_bucket`` and ``finish_weight_update``).
     """
 
     def __init__(self, *, group, announce: Callable[[list[str], list[str], list[list[int]]], None],
@@ -67,6 +71,8 @@ class NcclBroadcastTransport:
         self.device = torch.device(device) if device is not None else local_device()
 
     def send(self, bucket: NamedTensors) -> None:
+        """Announce the bucket in a thread while this thread broadcasts its tensors in order (the engine
+        answers the announcement only after receiving them); re-raise the announcement's failure."""
         names = [n for n, _ in bucket]
         dtypes = [torch_dtype_name(t.dtype) for _, t in bucket]
         shapes = [list(t.shape) for _, t in bucket]
@@ -87,5 +93,6 @@ class NcclBroadcastTransport:
             raise errors[0]
 
     def finish(self) -> None:
+        """``on_finish()`` after the last bucket (e.g. the server's cache flush)."""
         if self.on_finish is not None:
             self.on_finish()

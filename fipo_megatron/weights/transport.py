@@ -53,9 +53,11 @@ class InProcessTransport:
         self.engine = engine
 
     def send(self, bucket: NamedTensors) -> None:
+        """``engine.update_weights(bucket)``."""
         self.engine.update_weights(bucket)
 
     def finish(self) -> None:
+        """``engine.finish_weight_update()``."""
         self.engine.finish_weight_update()
 
 
@@ -71,10 +73,12 @@ class FanOutTransport:
         self.transports = list(transports)
 
     def send(self, bucket: NamedTensors) -> None:
+        """The bucket through each transport in turn."""
         for transport in self.transports:
             transport.send(bucket)
 
     def finish(self) -> None:
+        """``finish`` on each transport in turn."""
         for transport in self.transports:
             transport.finish()
 
@@ -92,6 +96,7 @@ class DiskTransport:
         os.makedirs(directory, exist_ok=True)
 
     def send(self, bucket: NamedTensors) -> None:
+        """Write the bucket as the next ``bucket_{rank}_{i}.safetensors`` (host copies, atomically)."""
         from safetensors.torch import save_file
 
         filename = f"bucket_{self.rank:03d}_{len(self._files):05d}.safetensors"
@@ -102,6 +107,7 @@ class DiskTransport:
         self._names.update({name: filename for name in tensors})
 
     def finish(self) -> None:
+        """Write this rank's index last, so a reader that finds it finds every bucket it lists."""
         index = {"files": self._files, "weight_map": self._names}
         atomic_write(os.path.join(self.directory, f"index_{self.rank:03d}.json"),
                       lambda path: _write_json(path, index))
@@ -141,6 +147,8 @@ class CudaIpcTransport:
         self._alive: NamedTensors = []
 
     def send(self, bucket: NamedTensors) -> None:
+        """Hand the IPC handles of the bucket's tensors (moved to this GPU, contiguous) to ``send_handles``;
+        the previous bucket's tensors are released only now."""
         from torch.multiprocessing.reductions import reduce_tensor
 
         self._alive = [(n, t.detach().cuda().contiguous()) for n, t in bucket]
@@ -148,6 +156,7 @@ class CudaIpcTransport:
         self.send_handles([(name, reduce_tensor(t)) for name, t in self._alive])
 
     def finish(self) -> None:
+        """Release the last bucket's tensors (the receiver has copied them: the callback is synchronous)."""
         self._alive = []
 
 
