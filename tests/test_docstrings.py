@@ -19,6 +19,7 @@ COVERED = [
     "algo",
     "rollout",
     "weights",
+    "data",
 ]
 
 

@@ -169,7 +169,7 @@ def load_prompt_dataset(*, files: list[str] | tuple[str, ...], tokenizer, max_pr
 class PromptSampler:
     """Deterministic epoch-wise shuffled order over ``num_prompts`` with a resumable position.
 
-    Epoch ``e`` visits a permutation drawn from ``seed + e`` (the identity without ``shuffle``); a
+    Epoch ``e`` visits a permutation drawn from ``(seed, e)`` (the identity without ``shuffle``); a
     batch that crosses the end of an epoch continues into the next. ``state_dict`` / ``load_state_dict``
     carry ``(epoch, index)``, so a resumed run draws exactly the prompts an uninterrupted one would.
     """
@@ -199,9 +199,12 @@ class PromptSampler:
         return out
 
     def state_dict(self) -> dict:
+        """The position ``(epoch, index)``, with the seed and prompt count it was recorded under."""
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "num_prompts": self.num_prompts}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a ``state_dict`` position. A position recorded for another prompt count only logs a
+        warning: the run goes on in the current data's order."""
         if state.get("num_prompts", self.num_prompts) != self.num_prompts:
             logger.warning("resuming a data position recorded for %d prompts on %d prompts",
                            state["num_prompts"], self.num_prompts)
