@@ -20,6 +20,7 @@ COVERED = [
     "rollout",
     "weights",
     "data",
+    "plan",
 ]
 
 

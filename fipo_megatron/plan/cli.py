@@ -21,6 +21,7 @@ EXIT = {"fits": 0, "does not fit": 2, "layout error": 3, "mapping error": 3}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print the plan of ``--config`` (the module docstring's arguments); return the exit status."""
     parser = argparse.ArgumentParser(prog="python -m fipo_megatron.plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (see examples/configs/)")

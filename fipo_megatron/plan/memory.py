@@ -74,6 +74,7 @@ class ModelDims:
 
     @classmethod
     def from_hf(cls, hf_config, *, tp: int) -> "ModelDims":
+        """The dims of a transformers config, its vocabulary padded as the actor pads it for ``tp``."""
         from fipo_megatron.models.hf_config import arch_spec, padded_vocab_size
 
         spec = arch_spec(hf_config)
@@ -181,22 +182,27 @@ class MemoryPlan:
 
     @property
     def train_total(self) -> int:
+        """Bytes per GPU while the actor trains (the worst pipeline stage)."""
         return sum(x.nbytes for x in self.train)
 
     @property
     def rollout_total(self) -> int:
+        """Bytes per GPU while the colocated engine samples (the actor's static memory stays resident)."""
         return sum(x.nbytes for x in self.rollout)
 
     @property
     def peak(self) -> int:
+        """The larger of the two phases."""
         return max(self.train_total, self.rollout_total)
 
     @property
     def headroom(self) -> int:
+        """``capacity - peak`` (negative when the plan does not fit)."""
         return self.capacity - self.peak
 
     @property
     def fits(self) -> bool:
+        """No problem found (``problems`` is empty)."""
         return not self.problems
 
 

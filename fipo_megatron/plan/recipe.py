@@ -49,14 +49,17 @@ class Cluster:
 
     @property
     def world_size(self) -> int:
+        """Ranks in the job: one per GPU."""
         return self.nnodes * self.gpus_per_node
 
     @property
     def gpu_bytes(self) -> int:
+        """``gpu_memory_gib`` in bytes."""
         return int(self.gpu_memory_gib * 2**30)
 
     @property
     def reserve_bytes(self) -> int:
+        """``reserve_gib`` in bytes."""
         return int(self.reserve_gib * 2**30)
 
 
