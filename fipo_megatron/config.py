@@ -35,7 +35,10 @@ from fipo_megatron.rollout.base import SamplingParams
 
 @dataclass(frozen=True, kw_only=True)
 class SyntheticTaskConfig:
-    """The synthetic verifiable task of the CPU demo (``data/synthetic.py``); used when ``enable``."""
+    """The synthetic verifiable task of the CPU demo (``data/synthetic.py``); used when ``enable``.
+
+    ``num_train`` / ``num_val``: rows generated for training and validation (``num_val`` 0: no validation).
+    """
 
     enable: bool = False
     task: Literal["copy_digit", "add_mod"] = "copy_digit"
@@ -64,6 +67,11 @@ class DataConfig:
     Prompts longer than ``max_prompt_length`` tokens are counted and skipped, never truncated.
     ``chat_template``: apply the tokenizer's chat template; otherwise ``raw_template`` formats the last
     message's content (``{content}``).
+
+    ``train_files`` / ``val_files``: parquet or jsonl paths (no ``val_files``: no validation, unless the
+    synthetic task makes its own). ``prompt_key``, ``ground_truth_key`` (dotted into nested fields) and
+    ``data_source_key``: where a row keeps its messages, answer and source. ``shuffle``: a new prompt order
+    every epoch; ``seed``: that order's seed (and the synthetic rows': ``seed`` train, ``seed + 1`` val).
     """
 
     train_files: list[str] = field(default_factory=list)
@@ -98,7 +106,9 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """The policy: an HF checkpoint directory, or ``tiny:<family>`` (a random tiny model of
-    ``testing.tiny_models``, for the CPU demo and tests; ``tiny_overrides`` go to its config)."""
+    ``testing.tiny_models``, for the CPU demo and tests; ``tiny_overrides`` go to its config).
+    ``tokenizer_path``: the tokenizer's directory when it is not ``path``'s; ``trust_remote_code`` is passed
+    to transformers when it loads the config and the tokenizer."""
 
     path: str = ""
     tokenizer_path: str | None = None
@@ -116,13 +126,14 @@ class RolloutConfig:
     there builds several replicas, ``base_urls`` + ``weight_sync`` point at several SGLang servers: see
     docs/rollout.md), where colocated engines run (``placement``: ``rank0``, one engine driven by global
     rank 0; ``per_node``, one on every node, for any parallel layout), the weight-sync bucket
-    size, and validation sampling. Training sampling (``n``, ``temperature``, ``top_p``, ``top_k``,
+    size, and validation sampling (``val_n`` responses per prompt, scored as avg@``val_n``, at
+    ``val_temperature`` and ``val_top_p``). Training sampling (``n``, ``temperature``, ``top_p``, ``top_k``,
     ``seed``) is ``SamplingParams``, in the same YAML section."""
 
     engine: str = "auto"
     engine_kwargs: dict = field(default_factory=dict)
     placement: str = "rank0"
-    sync_bucket_mb: int = 512      # weight-sync bucket: peak extra memory ~2x this on the exporting ranks
+    sync_bucket_mb: int = 512      # weight-sync bucket: peak extra memory ~3x this on the exporting ranks
     # Send decoder projection weights block-FP8 (e4m3 + float32 ``weight_scale_inv`` per 128x128 block,
     # weights/fp8.py) to an SGLang engine serving a block-FP8 model; needs CUDA.
     weights_fp8: bool = False
@@ -214,7 +225,11 @@ class FilterGroupsConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AlgorithmConfig:
-    """Advantage estimator and dynamic sampling (the loss itself is ``actor.*`` / PolicyLossConfig)."""
+    """Advantage estimator and dynamic sampling (the loss itself is ``actor.*`` / PolicyLossConfig).
+
+    ``adv_estimator``: a registered estimator (``algo.advantages``: "grpo", "grpo_no_std");
+    ``norm_adv_by_std_in_grpo: false`` makes "grpo" skip the division by the group's std (docs/algorithm.md §6).
+    """
 
     adv_estimator: str = "grpo"
     norm_adv_by_std_in_grpo: bool = True
@@ -231,8 +246,9 @@ class AlgorithmConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
-    """Run checkpoints under ``<run_dir>/checkpoints``: every ``save_interval`` steps (0 = never, and at
-    the end), the last ``keep_last`` kept. ``resume``: "auto" (latest if any), "never", or a path."""
+    """Run checkpoints under ``<run_dir>/checkpoints``: every ``save_interval`` steps (0: no periodic saves)
+    and, with ``save_at_end``, after the last step; the last ``keep_last`` kept. ``resume``: "auto" (latest
+    if any), "never", or a path."""
 
     save_interval: int = 50
     keep_last: int = 2
@@ -253,7 +269,7 @@ class LoggingConfig:
     with the old log-probs the actor recomputes anyway.
     ``token_records_interval``: every N steps write per-token records of ``token_records_samples`` responses
     of the last mini-batch to ``<run_dir>/token_records.jsonl`` (``token_records.py``; 0 = never, the
-    default: each record holds ~10 numbers per token)."""
+    default: each record holds ~10 numbers per token). ``progress_bar``: a progress bar on rank 0."""
 
     tensorboard: bool = True
     wandb: bool = False
@@ -273,7 +289,10 @@ class LoggingConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrainerConfig:
     """Run length and bookkeeping. ``run_dir`` "" means ``runs/<experiment_name>``. The run length is
-    ``total_training_steps`` (the prompt sampler wraps into new epochs as needed)."""
+    ``total_training_steps`` (the prompt sampler wraps into new epochs as needed). ``seed``: the sampling
+    seeds' base when ``rollout.seed`` is unset, the tiny model's initialisation and the choice of token
+    records. ``val_interval``: validate every N steps (0: never); ``val_before_train``: also before the first
+    step of a fresh run."""
 
     total_training_steps: int = 100
     seed: int = 1

@@ -173,6 +173,7 @@ class TokenRecordWriter:
         truncate_after_step(self.path, -1 if resume_step is None else resume_step)
 
     def write(self, records: Sequence[dict]) -> None:
+        """Append one JSON line per record, flushed and fsynced before returning."""
         if not records:
             return
         with open(self.path, "a") as f:

@@ -21,6 +21,19 @@ COVERED = [
     "weights",
     "data",
     "plan",
+    "testing",
+    "__init__",
+    "__main__",
+    "batch",
+    "build",
+    "config",
+    "config_loader",
+    "guards",
+    "log",
+    "metrics",
+    "registry",
+    "token_records",
+    "trainer",
 ]
 
 

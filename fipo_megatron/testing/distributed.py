@@ -7,7 +7,7 @@
 (gloo, a FileStore rendezvous, so no TCP port can collide) and ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``
 set. Its return value (anything picklable: tensors, dicts, floats) comes back to the parent. An
 exception on any rank is re-raised in the parent with that rank's traceback; a hang is killed after
-``timeout`` seconds. Children run single-threaded: N ranks share two cores.
+``timeout`` seconds. Children run single-threaded, so N ranks do not oversubscribe a small machine's cores.
 
 Fork (not spawn) keeps start-up cheap: megatron-core takes ~4 s to import, and a forked child inherits
 the parent's imports. Where a GPU is visible the children are spawned instead (CUDA does not survive a
