@@ -83,6 +83,9 @@ def coerce_value(tp: Any, value: Any, field_path: str) -> Any:
                 return coerce_value(arg, value, field_path)
             except ValueError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1:
+            # Optional[X]: X's own message names the bad nested field (``a.b.c: ...``); keep it.
+            raise ValueError(errors[0])
         raise ValueError(f"{field_path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)

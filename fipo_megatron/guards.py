@@ -179,7 +179,7 @@ class PreemptionHandler:
 
 
 # What a run writes into its run_dir (trainer, metrics, tiny model); an earlier run is recognised by these.
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.yaml", "tensorboard", "wandb", "hf_init")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "token_records.jsonl", "config.yaml", "tensorboard", "wandb", "hf_init")
 
 
 def has_checkpoint(run_dir: str) -> bool:

@@ -144,3 +144,17 @@ def test_per_node_layout_checks():
         from fipo_megatron.config import RolloutConfig
 
         RolloutConfig(engine="sglang_server", placement="per_node")
+
+
+def test_optional_nested_config_error_names_the_nested_field():
+    import dataclasses
+    import typing
+
+    from fipo_megatron.config_loader import coerce_value
+
+    @dataclasses.dataclass
+    class Inner:
+        x: int = 1
+
+    with pytest.raises(ValueError, match=r"^a\.b\.x: expected an int, got str 'abc'"):
+        coerce_value(typing.Optional[Inner], {"x": "abc"}, "a.b")
