@@ -13,7 +13,9 @@ default, or ``--resume``) resumes from the newest intact checkpoint under ``<run
 A fresh run refuses a run directory that holds an earlier run unless ``trainer.overwrite=true``.
 
 Before any process group, model or data exists, the layout is checked against the world size and the
-model (tp x pp x cp must divide the world; heads and layers must divide by tp and pp).
+model (tp x pp x cp must divide the world; heads and layers must divide by tp and pp). The process group
+is then set up by ``parallel.topology.init_distributed``; ``FIPO_DIST_TIMEOUT_MIN`` (minutes, default 60)
+is how long a collective may wait.
 
 Exit codes: 0 done; 3 stopped because the run diverged (``trainer.max_consecutive_skipped_steps``) or its
 weights are not finite; 143 stopped by SIGTERM (after saving at the next step boundary); 1 any other error.
@@ -22,37 +24,11 @@ weights are not finite; 143 stopped by SIGTERM (after saving at the next step bo
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import re
-import socket
 import sys
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
-
-
-def _init_distributed() -> None:
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    cuda = torch.cuda.is_available()
-    kwargs = {}
-    if cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        kwargs["device_id"] = torch.device("cuda", local_rank)  # NCCL binds this GPU instead of guessing
-    backend = "nccl" if cuda else "gloo"
-    timeout = datetime.timedelta(minutes=int(os.environ.get("FIPO_DIST_TIMEOUT_MIN", "60")))
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / SLURM-style launch
-        dist.init_process_group(backend, timeout=timeout, **kwargs)
-        return
-    with socket.socket() as s:  # a lone process: a private rendezvous on a free local port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout,
-                            **kwargs)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -137,10 +113,12 @@ def main(argv: list[str] | None = None) -> int:
                                overwrite=cfg.trainer.overwrite, remove=rank0)
     if resuming and rank0:
         _report_config_changes(cfg)
-    _init_distributed()
     import torch.distributed as dist
 
+    from fipo_megatron.parallel import topology
     from fipo_megatron.trainer import Trainer
+
+    topology.init_distributed()
 
     trainer = None
     try:

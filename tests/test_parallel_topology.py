@@ -52,6 +52,19 @@ def test_good_layout_returns_dp():
                            world_size=2, on_cpu=False) == 1
 
 
+def test_dist_timeout_from_the_environment(monkeypatch):
+    from fipo_megatron.parallel.topology import dist_timeout_minutes
+
+    monkeypatch.delenv("FIPO_DIST_TIMEOUT_MIN", raising=False)
+    assert dist_timeout_minutes() == 60
+    monkeypatch.setenv("FIPO_DIST_TIMEOUT_MIN", "90")
+    assert dist_timeout_minutes() == 90
+    for bad in ("ten", "0"):
+        monkeypatch.setenv("FIPO_DIST_TIMEOUT_MIN", bad)
+        with pytest.raises(ValueError, match="FIPO_DIST_TIMEOUT_MIN"):
+            dist_timeout_minutes()
+
+
 def test_cpu_compat_idempotent():
     from megatron.core.pipeline_parallel import p2p_communication
     from megatron.core.tensor_parallel import random as mp_random

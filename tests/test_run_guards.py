@@ -162,6 +162,7 @@ def test_config_changes_are_listed():
 
 def test_cli_parsing_and_early_errors(tmp_path, monkeypatch, caplog):
     from fipo_megatron import cli
+    from fipo_megatron.parallel import topology
 
     assert cli.parse_args(["--config", "c", "--resume", "actor.lr=1"])[1] == ["actor.lr=1", "checkpoint.resume=auto"]
     assert cli.parse_args(["--config", "c", "a=1", "--no-resume", "b.c=2"])[1] == ["a=1", "b.c=2",
@@ -172,7 +173,7 @@ def test_cli_parsing_and_early_errors(tmp_path, monkeypatch, caplog):
     def no_heavy_work():
         raise AssertionError("the process group started before the error")
 
-    monkeypatch.setattr(cli, "_init_distributed", no_heavy_work)
+    monkeypatch.setattr(topology, "init_distributed", no_heavy_work)
     run = f"trainer.run_dir={tmp_path / 'run'}"
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match=r"world size 3 is not divisible by tp\*pp\*cp = 2"):

@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -169,12 +167,9 @@ def hf_tensor_specs(mapping: ModelMapping, *, dtype: torch.dtype) -> list[Tensor
 def single_process_model(hf_config, *, params_dtype: torch.dtype) -> Iterator[tuple[Any, Any]]:
     """A tp=pp=1 GPTModel (uninitialised weights) on one CPU process, with Megatron's groups set up and torn down."""
     from fipo_megatron.models.builder import build_gpt_model
-    from fipo_megatron.parallel.topology import ParallelConfig, destroy_parallel, initialize_parallel
+    from fipo_megatron.parallel.topology import ParallelConfig, destroy_parallel, init_distributed, initialize_parallel
 
-    rendezvous = None
-    if not dist.is_initialized():
-        rendezvous = tempfile.mkdtemp(prefix="fipo_convert_")
-        dist.init_process_group("gloo", init_method=f"file://{rendezvous}/store", rank=0, world_size=1)
+    created = init_distributed(backend="gloo")  # conversion is CPU work, even where a GPU is visible
     try:
         if dist.get_world_size() != 1:
             raise ValueError(f"offline conversion runs in one process, got world size {dist.get_world_size()}")
@@ -185,9 +180,8 @@ def single_process_model(hf_config, *, params_dtype: torch.dtype) -> Iterator[tu
         yield model, groups
     finally:
         destroy_parallel()
-        if rendezvous is not None:
+        if created:
             dist.destroy_process_group()
-            shutil.rmtree(rendezvous, ignore_errors=True)
 
 
 def convert_hf_to_megatron(*, hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1, pp: int = 1,

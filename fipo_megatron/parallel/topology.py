@@ -11,7 +11,9 @@ ones megatron-core's ``parallel_state`` keeps itself.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
+import socket
 from typing import Any
 
 import torch
@@ -152,18 +154,54 @@ class ParallelGroups:
         return self.config.num_virtual_stages
 
 
-def _init_torch_distributed() -> None:
-    # torchrun sets the env vars; tests (run_distributed) initialise gloo themselves before calling us.
+DIST_TIMEOUT_ENV = "FIPO_DIST_TIMEOUT_MIN"
+_DEFAULT_DIST_TIMEOUT_MIN = 60
+
+
+def dist_timeout_minutes() -> int:
+    """How long a collective may wait before it fails, in minutes: ``$FIPO_DIST_TIMEOUT_MIN``, default 60.
+
+    One value for the default process group and for Megatron's model-parallel groups. The default is
+    generous because the other ranks wait in a collective while rank 0 generates a whole rollout phase.
+    """
+    raw = os.environ.get(DIST_TIMEOUT_ENV, str(_DEFAULT_DIST_TIMEOUT_MIN))
+    try:
+        minutes = int(raw)
+    except ValueError:
+        raise ValueError(f"{DIST_TIMEOUT_ENV} must be a whole number of minutes, got {raw!r}") from None
+    if minutes < 1:
+        raise ValueError(f"{DIST_TIMEOUT_ENV} must be >= 1 (minutes), got {minutes}")
+    return minutes
+
+
+def init_distributed(*, backend: str | None = None) -> bool:
+    """Initialise torch.distributed for this process unless it already is; return whether this call did.
+
+    ``backend``: None picks NCCL with CUDA (this process's GPU is ``$LOCAL_RANK``, bound through
+    ``device_id`` so NCCL does not guess it) and gloo without; "gloo" forces gloo (one-process CPU work
+    such as offline conversion). Launched by torchrun or SLURM (``RANK`` and ``WORLD_SIZE`` set), the job's
+    rendezvous comes from the environment; a lone process gets a private one-rank group on a free local
+    port. The collective timeout is :func:`dist_timeout_minutes` (``$FIPO_DIST_TIMEOUT_MIN``, minutes,
+    default 60). Tests (``testing.distributed.run_distributed``) initialise their own gloo groups first,
+    so this is then a no-op.
+    """
     if dist.is_initialized():
-        return
-    if "WORLD_SIZE" not in os.environ:
-        raise RuntimeError("torch.distributed is not initialised and WORLD_SIZE is unset: launch with torchrun")
-    if torch.cuda.is_available():
+        return False
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    kwargs: dict[str, Any] = {"timeout": datetime.timedelta(minutes=dist_timeout_minutes())}
+    if backend == "nccl":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-    else:
-        dist.init_process_group("gloo")
+        kwargs["device_id"] = torch.device("cuda", local_rank)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, **kwargs)
+        return True
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, **kwargs)
+    return True
 
 
 def _current_layout(ps) -> tuple[int, int, int, int | None]:
@@ -172,21 +210,23 @@ def _current_layout(ps) -> tuple[int, int, int, int | None]:
 
 
 def initialize_parallel(config: ParallelConfig, *, hf_config=None, seed: int = 1234,
-                        distributed_timeout_minutes: int = 30, on_cpu: bool | None = None) -> ParallelGroups:
-    """Initialise torch.distributed (if needed) and Megatron's model-parallel groups; return the bundle.
+                        distributed_timeout_minutes: int | None = None, on_cpu: bool | None = None) -> ParallelGroups:
+    """Initialise torch.distributed (if needed, :func:`init_distributed`) and Megatron's model-parallel
+    groups; return the bundle.
 
     Idempotent for the same ``config``; a different layout in the same process needs
     :func:`destroy_parallel` first. With ``hf_config`` the layout is checked against the model (heads,
     KV heads, layers) before anything is created (``on_cpu`` as in :func:`validate_layout`; the planner
     passes False to check a GPU layout on CPU). Seeds Megatron's RNG tracker so TP ranks draw per-rank
     streams and all ranks of a stage agree on the default stream (``seed + 100 * pp_rank``, as Megatron's
-    own training does).
+    own training does). ``distributed_timeout_minutes`` of Megatron's groups: None for
+    :func:`dist_timeout_minutes`, the default group's.
     """
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
     apply_cpu_compat()
-    _init_torch_distributed()
+    init_distributed()
     world_size = dist.get_world_size()
     model_kw = {}
     if hf_config is not None:
@@ -205,7 +245,8 @@ def initialize_parallel(config: ParallelConfig, *, hf_config=None, seed: int = 1
         ps.initialize_model_parallel(
             tensor_model_parallel_size=config.tp, pipeline_model_parallel_size=config.pp,
             virtual_pipeline_model_parallel_size=want[3], context_parallel_size=config.cp,
-            distributed_timeout_minutes=distributed_timeout_minutes)
+            distributed_timeout_minutes=(dist_timeout_minutes() if distributed_timeout_minutes is None
+                                         else distributed_timeout_minutes))
         pp_rank = ps.get_pipeline_model_parallel_rank()
         torch.manual_seed(seed + 100 * pp_rank)
         if torch.cuda.is_available():
