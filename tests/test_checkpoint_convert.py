@@ -82,7 +82,7 @@ def _build(cfg, parallel, groups=None):
     from fipo_megatron.parallel.topology import initialize_parallel
 
     groups = groups or initialize_parallel(parallel, hf_config=cfg)
-    return build_gpt_model(cfg, parallel=parallel, seed=99), groups
+    return build_gpt_model(cfg, groups=groups, seed=99), groups
 
 
 def _single_rank_worker(rank, world_size, root: str):
@@ -211,7 +211,7 @@ def _parallel_worker(rank, world_size, root: str):
     cfg = load_hf_config(root / "llama_4layers" / "hf")
     vpp = ParallelConfig(tp=2, pp=2, vpp=2)
     groups = initialize_parallel(vpp, hf_config=cfg)
-    chunks = build_model_chunks(cfg, parallel=vpp, seed=99)
+    chunks = build_model_chunks(cfg, groups=groups, seed=99)
     load_megatron_checkpoint(root / "llama_4layers" / "ck", chunks)
     out["vpp_full_state"] = gather_full_state_dict(chunks, groups=groups)
     out["vpp_chunk_layers"] = [[layer.layer_number for layer in c.decoder.layers] for c in chunks]
@@ -268,9 +268,10 @@ def _optimizer_resharding(root: Path):
                 param.main_grad.copy_(shard_for_tp(name, grad, tp_rank=groups.tp_rank, tp_size=groups.tp_size))
             optimizer.step()
             results.append(_full_adam_state([model], optimizer, groups))
-            save_megatron_checkpoint(root / "ck_opt", chunks, optimizer=optimizer, extra_state={"step": 1})
+            save_megatron_checkpoint(root / "ck_opt", chunks, optimizer=optimizer, extra_state={"step": 1},
+                                     groups=groups)
         else:
-            extra = load_megatron_checkpoint(root / "ck_opt", chunks, optimizer=optimizer)
+            extra = load_megatron_checkpoint(root / "ck_opt", chunks, optimizer=optimizer, groups=groups)
             results.append(_full_adam_state([model], optimizer, groups))
         destroy_parallel()
     return results[0], results[1], extra

@@ -42,3 +42,32 @@ def test_algo_imports_no_parallel_state():
                 imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
                 imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
                 assert not [m for m in imported if m.startswith("megatron")], name
+
+
+def _reads_parallel_state(tree: ast.AST) -> bool:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.startswith("megatron.core.parallel_state"):
+                return True
+            if node.module == "megatron.core" and any(a.name == "parallel_state" for a in node.names):
+                return True
+        if isinstance(node, ast.Import) and any(a.name.startswith("megatron.core.parallel_state") for a in node.names):
+            return True
+    return False
+
+
+def test_parallel_state_is_read_only_by_the_topology_owner():
+    """Megatron's parallel_state globals are read in parallel/ alone (and by the planner, which builds fake
+    groups into them); everything else takes its groups from the ``ParallelGroups`` bundle."""
+    allowed = ("fipo_megatron/parallel/", "fipo_megatron/plan/dry_run.py")
+    readers = []
+    for root, _, files in os.walk(os.path.join(REPO, "fipo_megatron")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                rel = os.path.relpath(path, REPO).replace(os.sep, "/")
+                with open(path) as f:
+                    if _reads_parallel_state(ast.parse(f.read())):
+                        readers.append(rel)
+    assert "fipo_megatron/parallel/topology.py" in readers   # the check sees imports
+    assert [r for r in readers if not r.startswith(allowed)] == []

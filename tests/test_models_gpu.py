@@ -23,7 +23,7 @@ def _te_forward_worker(rank, world_size, family, full_sd, seqs):
     parallel = ParallelConfig()
     groups = initialize_parallel(parallel, hf_config=hf)
     assert resolve_backend("auto") == "te"
-    model = build_gpt_model(hf, parallel=parallel, params_dtype=torch.bfloat16, backend="te").eval()
+    model = build_gpt_model(hf, groups=groups, params_dtype=torch.bfloat16, backend="te").eval()
     assert any("layer_norm_weight" in n for n, _ in model.named_parameters()), "not the TE spec"
     load_full_state_dict([model], {k: v.to(torch.bfloat16) for k, v in full_sd.items()}, groups=groups)
     lengths = [len(s) for s in seqs]

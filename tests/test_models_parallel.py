@@ -176,7 +176,7 @@ def _vocab_padding_check(family, overrides, full_sd):
     bundle_ok = (again.tp_group is groups.tp_group
                  and (groups.tp_size, groups.dp_size, groups.tp_rank) == (2, 1, dist.get_rank())
                  and groups.is_first_stage and groups.is_last_stage and groups.pg_collection.tp is groups.tp_group)
-    model = build_gpt_model(hf, parallel=parallel).eval()
+    model = build_gpt_model(hf, groups=groups).eval()
     load_full_state_dict([model], full_sd, groups=groups)
     _, _, packed, cu = _inputs(hf.vocab_size)
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=8, max_seqlen_kv=8)
@@ -205,7 +205,7 @@ def _layouts_worker(rank, world_size, family, overrides, full_sd, layouts, sched
         tp, pp, cp, vpp = layout
         parallel = ParallelConfig(tp=tp, pp=pp, cp=cp, vpp=vpp)
         groups = initialize_parallel(parallel, hf_config=hf)
-        chunks = build_model_chunks(hf, parallel=parallel, seed=1000 + rank)  # init differs per rank
+        chunks = build_model_chunks(hf, groups=groups, seed=1000 + rank)  # init differs per rank
         load_full_state_dict(chunks, full_sd, groups=groups)
         res = {}
         with torch.no_grad():

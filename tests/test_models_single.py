@@ -142,7 +142,7 @@ def _forward_one(family, full_sd, seqs, params_dtype=torch.float32):
     hf = tiny_hf_config(family)
     parallel = ParallelConfig()
     groups = initialize_parallel(parallel, hf_config=hf)  # idempotent across families: same layout
-    model = build_gpt_model(hf, parallel=parallel, params_dtype=params_dtype).eval()
+    model = build_gpt_model(hf, groups=groups, params_dtype=params_dtype).eval()
     load_full_state_dict([model], full_sd, groups=groups)
     out = {"dtypes": {p.dtype for p in model.parameters()}}
     with torch.no_grad():
@@ -188,13 +188,13 @@ def test_logits_match_transformers_all_families():
 
 
 def test_backend_choice_on_cpu():
-    from fipo_megatron.models.builder import build_gpt_model, resolve_backend
+    from fipo_megatron.models.builder import make_transformer_config, resolve_backend
 
     assert resolve_backend("auto") == "local"
     with pytest.raises(ValueError, match=r"pip install fipo_megatron\[te\]"):
         resolve_backend("te")
     with pytest.raises(ValueError, match=r"fp8='e4m3' needs Transformer Engine.*fipo_megatron\[te\]"):
-        build_gpt_model(tiny_hf_config("llama"), parallel=ParallelConfig(), fp8="e4m3")
+        make_transformer_config(tiny_hf_config("llama"), parallel=ParallelConfig(), fp8="e4m3")  # build_gpt_model's
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("apex")
     bad = tiny_hf_config("llama", attention_bias=True)

@@ -136,7 +136,7 @@ def _train_step_worker(rank, world_size, full_sd, layouts):
     for tp, pp in layouts:
         parallel = ParallelConfig(tp=tp, pp=pp)
         groups = initialize_parallel(parallel, hf_config=hf)
-        model = build_gpt_model(hf, parallel=parallel)
+        model = build_gpt_model(hf, groups=groups)
         load_full_state_dict([model], full_sd, groups=groups)
         model = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
         model.config.finalize_model_grads_func = finalize_model_grads

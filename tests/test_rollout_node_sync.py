@@ -84,7 +84,7 @@ def _node_sync_worker(rank, world_size, tp, pp, ranks_per_node):
     hf = tiny_hf_config("qwen2")
     parallel = ParallelConfig(tp=tp, pp=pp)
     groups = initialize_parallel(parallel, hf_config=hf)
-    model = build_gpt_model(hf, parallel=parallel).eval()
+    model = build_gpt_model(hf, groups=groups).eval()
     leaders = node_leaders(world_size, ranks_per_node)
     nodes = NodeWeightSync(groups, leaders=leaders, ranks_per_node=ranks_per_node)
     engine = EmbeddedEngine(hf_config=hf, eos_token_ids=[]) if rank in leaders else None
@@ -181,7 +181,7 @@ def _failing_node_sync_worker(rank, world_size):
     hf = tiny_hf_config("qwen2")
     parallel = ParallelConfig(tp=2, pp=2)
     groups = initialize_parallel(parallel, hf_config=hf)
-    model = build_gpt_model(hf, parallel=parallel).eval()
+    model = build_gpt_model(hf, groups=groups).eval()
     leaders = node_leaders(world_size, 2)
     nodes = NodeWeightSync(groups, leaders=leaders, ranks_per_node=2)
     engine = EmbeddedEngine(hf_config=hf, eos_token_ids=[]) if rank in leaders else None

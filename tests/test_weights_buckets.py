@@ -56,7 +56,7 @@ def _fp8_sync_worker(rank, world_size):
     hf = tiny_hf_config("qwen3")
     parallel = ParallelConfig()
     groups = initialize_parallel(parallel, hf_config=hf)
-    model = build_gpt_model(hf, parallel=parallel).eval()
+    model = build_gpt_model(hf, groups=groups).eval()
     plain, quant = Capture(), Capture()
     sync_weights([model], groups=groups, hf_config=hf, transport=plain, bucket_bytes=1 << 14)
     stats = sync_weights([model], groups=groups, hf_config=hf, transport=quant, bucket_bytes=1 << 14, fp8=True)

@@ -46,7 +46,7 @@ def _sender(rank, world_size, hf):
     from fipo_megatron.weights.transport import CudaIpcTransport, sync_weights
 
     groups = initialize_parallel(ParallelConfig(), hf_config=hf)
-    model = build_gpt_model(hf, parallel=ParallelConfig(), params_dtype=torch.bfloat16)
+    model = build_gpt_model(hf, groups=groups, params_dtype=torch.bfloat16)
     assert next(model.parameters()).is_cuda
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()

@@ -74,7 +74,7 @@ def _sync_worker(rank, world_size, family, tp, pp, disk_dir, overrides):
     hf = tiny_hf_config(family, **overrides)
     parallel = ParallelConfig(tp=tp, pp=pp)
     groups = initialize_parallel(parallel, hf_config=hf)
-    model = build_gpt_model(hf, parallel=parallel).eval()
+    model = build_gpt_model(hf, groups=groups).eval()
     engine = EmbeddedEngine(hf_config=hf, eos_token_ids=[]) if rank == 0 else None
     transport = engine.weight_transport() if engine is not None else None
     result = {"rank": rank, "tp_rank": groups.tp_rank, "pp_rank": groups.pp_rank, "dp_rank": groups.dp_rank,
@@ -187,7 +187,7 @@ def _layout_worker(rank, world_size, layout):
     hf = tiny_hf_config("qwen3", num_hidden_layers=4)
     parallel = ParallelConfig(**layout)
     groups = initialize_parallel(parallel, hf_config=hf)
-    chunks = build_model_chunks(hf, parallel=parallel)
+    chunks = build_model_chunks(hf, groups=groups)
     for i, chunk in enumerate(chunks):
         _perturb(chunk, step=i, tp_rank=0, pp_rank=groups.pp_rank)
     exported = [n for bucket in export_hf_buckets(chunks, groups=groups, hf_config=hf, bucket_bytes=BUCKET_BYTES)
@@ -236,7 +236,7 @@ def _failing_sync_worker(rank, world_size):
     hf = tiny_hf_config("llama")
     parallel = ParallelConfig(pp=2)
     groups = initialize_parallel(parallel, hf_config=hf)
-    model = build_gpt_model(hf, parallel=parallel)
+    model = build_gpt_model(hf, groups=groups)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     transport = Flaky() if rank == 0 else None
     try:

@@ -79,7 +79,7 @@ class MegatronActor:
         overrides = dict(calculate_per_token_loss=True, **actor_config.recompute_overrides())
         if parallel.pp > 1:
             overrides.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
-        chunks = build_model_chunks(hf_config, parallel=parallel, params_dtype=actor_config.torch_params_dtype,
+        chunks = build_model_chunks(hf_config, groups=self.groups, params_dtype=actor_config.torch_params_dtype,
                                     seed=actor_config.seed, config_overrides=overrides,
                                     **actor_config.fp8_model_kwargs())
         for chunk in chunks:
@@ -268,13 +268,14 @@ class MegatronActor:
                  "torch_rng_state": torch.get_rng_state()}
         # The bare GPTModels: the checkpoint keys must not carry the DDP wrapper's "module." prefix.
         save_megatron_checkpoint(ckpt_dir, [unwrap(c) for c in self.model_chunks], optimizer=self.optimizer,
-                                 extra_state=extra)
+                                 extra_state=extra, groups=self.groups)
 
     def load_checkpoint(self, ckpt_dir: str) -> dict:
         """Restore what :meth:`save_checkpoint` wrote; returns the extra state."""
         from fipo_megatron.checkpoint.dist_ckpt import load_megatron_checkpoint
 
-        extra = load_megatron_checkpoint(ckpt_dir, [unwrap(c) for c in self.model_chunks], optimizer=self.optimizer)
+        extra = load_megatron_checkpoint(ckpt_dir, [unwrap(c) for c in self.model_chunks], optimizer=self.optimizer,
+                                         groups=self.groups)
         if "scheduler" in extra:
             self.scheduler.load_state_dict(extra["scheduler"])
         self.num_updates = int(extra.get("num_updates", 0))

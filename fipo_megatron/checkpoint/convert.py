@@ -175,7 +175,7 @@ def single_process_model(hf_config, *, params_dtype: torch.dtype) -> Iterator[tu
             raise ValueError(f"offline conversion runs in one process, got world size {dist.get_world_size()}")
         parallel = ParallelConfig()
         groups = initialize_parallel(parallel, hf_config=hf_config)
-        model = build_gpt_model(hf_config, parallel=parallel, params_dtype=params_dtype, backend="local", seed=None,
+        model = build_gpt_model(hf_config, groups=groups, params_dtype=params_dtype, backend="local", seed=None,
                                 config_overrides={"perform_initialization": False})
         yield model, groups
     finally:

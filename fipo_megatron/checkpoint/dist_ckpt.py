@@ -146,14 +146,6 @@ def _sharded_state_dict(model_chunks: Sequence[torch.nn.Module], optimizer, meta
     return state
 
 
-def _dp_cp_group():
-    from megatron.core import parallel_state as ps
-
-    if ps.model_parallel_is_initialized():
-        return ps.get_data_parallel_group(with_context_parallel=True)
-    return None
-
-
 def _stop_writer_manager() -> None:
     """Stop the multiprocessing Manager megatron-core's torch_dist writer caches on the first save.
 
@@ -171,14 +163,14 @@ def _stop_writer_manager() -> None:
         filesystem_async._results_queue = None
 
 
-def _save_strategy():
+def _save_strategy(groups):
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     try:
         strategy = TorchDistSaveShardedStrategy()  # megatron-core >= 0.17: torch_dist is the only backend
     except TypeError:
         strategy = TorchDistSaveShardedStrategy("torch_dist", 1)  # 0.16 takes backend and version
-    group = _dp_cp_group()
+    group = groups.dp_cp_group if groups is not None else None
     if group is not None and dist.get_world_size(group) > 1:
         # Spread the writing of DP-replicated tensors over the DP ranks (metadata exchange only: gloo-safe).
         from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
@@ -187,8 +179,8 @@ def _save_strategy():
     return strategy
 
 
-def _load_strategy():
-    group = _dp_cp_group()
+def _load_strategy(groups):
+    group = groups.dp_cp_group if groups is not None else None
     if not torch.cuda.is_available() or group is None or dist.get_world_size(group) == 1:
         return None  # the default torch_dist load strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
@@ -249,7 +241,8 @@ def _broadcast_path(path: Path | None) -> Path:
 
 
 def save_megatron_checkpoint(ckpt_dir: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], *,
-                             optimizer=None, extra_state: dict | None = None, consume_model: bool = False) -> Path:
+                             optimizer=None, extra_state: dict | None = None, consume_model: bool = False,
+                             groups=None) -> Path:
     """Save ``model_chunks`` (and the Megatron ``optimizer``'s state) as a dist checkpoint, atomically.
 
     Collective: every rank calls it with its own chunks. ``extra_state`` (tensors and plain containers,
@@ -257,6 +250,8 @@ def save_megatron_checkpoint(ckpt_dir: str | os.PathLike, model_chunks: Sequence
     rank 0 and returned by :func:`load_megatron_checkpoint`.
     An existing ``ckpt_dir`` is replaced. Returns the final path. ``consume_model``: the caller drops the
     model after saving (offline conversion), so parameters may be freed while saving to lower the peak.
+    ``groups`` (``parallel.topology.ParallelGroups``, optional): with DP x CP > 1 the writing of the
+    tensors the DP x CP ranks hold alike is spread over them; without, every rank writes its own shards.
     """
     from megatron.core import dist_checkpointing
 
@@ -276,7 +271,7 @@ def save_megatron_checkpoint(ckpt_dir: str | os.PathLike, model_chunks: Sequence
         kwargs = {}
         if "content_metadata" in inspect.signature(dist_checkpointing.save).parameters:
             kwargs["content_metadata"] = dict(_CONTENT_METADATA)
-        dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(), **kwargs)
+        dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(groups), **kwargs)
         _stop_writer_manager()
         if dist.get_rank() == 0:
             torch.save(extra_state or {}, tmp / EXTRA_STATE_FILE)
@@ -302,13 +297,15 @@ def save_megatron_checkpoint(ckpt_dir: str | os.PathLike, model_chunks: Sequence
 
 
 def load_megatron_checkpoint(ckpt_dir: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], *,
-                             optimizer=None, strict: bool = True) -> dict:
+                             optimizer=None, strict: bool = True, groups=None) -> dict:
     """Load a dist checkpoint into ``model_chunks`` (any layout) and optionally ``optimizer``; return extra_state.
 
     Collective. ``strict``: every model tensor must be in the checkpoint (ValueError naming the absent
     ones); absent ``_extra_state`` objects are tolerated. The checkpoint may hold more than is
     requested (e.g. optimizer state when ``optimizer`` is None).
     Tensors are cast to each parameter's dtype (a bf16 checkpoint loads into fp32 parameters).
+    ``groups`` (optional, as in :func:`save_megatron_checkpoint`): on CUDA with DP x CP > 1 those ranks
+    share the reading and exchange the tensors (Megatron's fully-parallel load).
     """
     from megatron.core import dist_checkpointing
 
@@ -330,7 +327,7 @@ def load_megatron_checkpoint(ckpt_dir: str | os.PathLike, model_chunks: Sequence
     # RETURN_ALL drops requested keys the checkpoint lacks instead of failing inside torch DCP; we then
     # fail for any real tensor but tolerate absent ``_extra_state`` objects (FP8 / TE module metadata),
     # so a checkpoint written by the local spec (e.g. the offline converter) loads into a TE model.
-    loaded, _, absent = dist_checkpointing.load(state, str(ckpt_dir), sharded_strategy=_load_strategy(),
+    loaded, _, absent = dist_checkpointing.load(state, str(ckpt_dir), sharded_strategy=_load_strategy(groups),
                                                 strict=StrictHandling.RETURN_ALL)
     absent_tensors = sorted(k for k in absent if not k.endswith("_extra_state"))
     if absent_tensors and strict:

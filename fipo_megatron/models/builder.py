@@ -1,8 +1,8 @@
 """Build Megatron ``GPTModel`` chunks from a Hugging Face config.
 
     groups = initialize_parallel(parallel, hf_config=hf_config)
-    model = build_gpt_model(hf_config, parallel=parallel, params_dtype=torch.bfloat16)   # this rank's stage
-    chunks = build_model_chunks(hf_config, parallel=parallel)                            # one per virtual stage
+    model = build_gpt_model(hf_config, groups=groups, params_dtype=torch.bfloat16)   # this rank's stage
+    chunks = build_model_chunks(hf_config, groups=groups)                            # one per virtual stage
 
 Layer spec: Transformer Engine (``get_gpt_layer_with_transformer_engine_spec``) when TE imports and CUDA is
 present, else the local spec with :class:`~fipo_megatron.models.cp_attention.LocalCoreAttention` as core
@@ -26,7 +26,7 @@ import torch
 
 from fipo_megatron.log import get_logger
 from fipo_megatron.models.hf_config import arch_spec, padded_vocab_size, rope_settings, transformer_config_from_hf
-from fipo_megatron.parallel.topology import ParallelConfig
+from fipo_megatron.parallel.topology import ParallelConfig, ParallelGroups, seed_stage_rng
 
 logger = get_logger(__name__)
 
@@ -106,22 +106,22 @@ def make_transformer_config(hf_config, *, parallel: ParallelConfig, params_dtype
     return transformer_config_from_hf(hf_config, parallel=parallel, params_dtype=params_dtype, **extra), backend
 
 
-def build_gpt_model(hf_config, *, parallel: ParallelConfig, params_dtype: torch.dtype = torch.float32,
+def build_gpt_model(hf_config, *, groups: ParallelGroups, params_dtype: torch.dtype = torch.float32,
                     backend: str = "auto", fp8: str | None = None, fp8_recipe: str = "delayed",
                     pre_process: bool | None = None, post_process: bool | None = None,
                     vp_stage: int | None = None, seed: int | None = 1234, config_overrides: dict | None = None):
     """One ``GPTModel`` (this rank's pipeline stage, or virtual stage ``vp_stage``) for ``hf_config``.
 
-    Megatron's parallel groups must be initialised (``parallel.initialize_parallel``). ``pre_process`` /
-    ``post_process`` default to whether this chunk holds the embedding / the output layer. ``seed``: if
-    given, re-seeds the RNG before building (weights are normally loaded afterwards, so init rarely
+    ``groups``: the bundle ``parallel.initialize_parallel`` returned (its ``config`` is the layout).
+    ``pre_process`` / ``post_process`` default to whether this chunk holds the embedding / the output
+    layer. ``seed``: if given, re-seeds the RNGs for this stage before building
+    (``parallel.topology.seed_stage_rng``; weights are normally loaded afterwards, so init rarely
     matters). The vocabulary is padded per :func:`~fipo_megatron.models.hf_config.padded_vocab_size`.
     ``config_overrides`` go to ``TransformerConfig`` (e.g. recompute settings, calculate_per_token_loss).
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
 
+    parallel = groups.config
     arch_spec(hf_config)
     config, backend = make_transformer_config(hf_config, parallel=parallel, params_dtype=params_dtype,
                                               backend=backend, fp8=fp8, fp8_recipe=fp8_recipe,
@@ -129,12 +129,11 @@ def build_gpt_model(hf_config, *, parallel: ParallelConfig, params_dtype: torch.
     if parallel.num_virtual_stages > 1 and vp_stage is None:
         raise ValueError("vp_stage is required with vpp > 1; use build_model_chunks")
     if pre_process is None:
-        pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        pre_process = groups.is_first_chunk(vp_stage)
     if post_process is None:
-        post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post_process = groups.is_last_chunk(vp_stage)
     if seed is not None:
-        torch.manual_seed(seed + 100 * ps.get_pipeline_model_parallel_rank())
-        tensor_parallel.model_parallel_cuda_manual_seed(seed + 100 * ps.get_pipeline_model_parallel_rank())
+        seed_stage_rng(seed, pp_rank=groups.pp_rank)
     rope = rope_settings(hf_config)
     kwargs = dict(
         config=config,
@@ -166,9 +165,8 @@ def build_gpt_model(hf_config, *, parallel: ParallelConfig, params_dtype: torch.
     return model
 
 
-def build_model_chunks(hf_config, *, parallel: ParallelConfig, **kwargs) -> list:
+def build_model_chunks(hf_config, *, groups: ParallelGroups, **kwargs) -> list:
     """All model chunks of this rank: one per virtual pipeline stage (a one-element list without vpp)."""
-    if parallel.num_virtual_stages == 1:
-        return [build_gpt_model(hf_config, parallel=parallel, **kwargs)]
-    return [build_gpt_model(hf_config, parallel=parallel, vp_stage=i, **kwargs)
-            for i in range(parallel.num_virtual_stages)]
+    if groups.vpp_size == 1:
+        return [build_gpt_model(hf_config, groups=groups, **kwargs)]
+    return [build_gpt_model(hf_config, groups=groups, vp_stage=i, **kwargs) for i in range(groups.vpp_size)]

@@ -201,11 +201,12 @@ class LocalCoreAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        # Megatron's Attention hands every core attention its process groups (megatron-core >= 0.16, the
+        # oldest supported); the CP group comes from there, never from parallel_state's globals.
         cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
         if cp_group is None and config.context_parallel_size > 1:
-            from megatron.core import parallel_state
-
-            cp_group = parallel_state.get_context_parallel_group()
+            raise ValueError(f"LocalCoreAttention with context_parallel_size={config.context_parallel_size} "
+                             "needs pg_collection.cp (the caller's process groups)")
         self.cp_group = cp_group
         self.cp_size = config.context_parallel_size
 

@@ -153,6 +153,34 @@ class ParallelGroups:
         """Virtual stages (model chunks) per rank."""
         return self.config.num_virtual_stages
 
+    def is_first_chunk(self, vp_stage: int | None = None) -> bool:
+        """Whether this rank's model chunk ``vp_stage`` (None without vpp) is the pipeline's first: the one
+        that holds the embedding. Megatron's ``is_pipeline_first_stage(ignore_virtual=False)``."""
+        return self.is_first_stage and (self.vpp_size == 1 or vp_stage == 0)
+
+    def is_last_chunk(self, vp_stage: int | None = None) -> bool:
+        """Whether this rank's model chunk ``vp_stage`` (None without vpp) is the pipeline's last: the one
+        that holds the output layer. Megatron's ``is_pipeline_last_stage(ignore_virtual=False)``."""
+        return self.is_last_stage and (self.vpp_size == 1 or vp_stage == self.vpp_size - 1)
+
+
+def seed_stage_rng(seed: int, *, pp_rank: int) -> None:
+    """Seed torch's default generator and Megatron's RNG tracker for pipeline stage ``pp_rank``.
+
+    The stage seed is ``seed + 100 * pp_rank``, as Megatron-LM's training does: the ranks of one stage
+    (its TP, CP and DP ranks) share the default stream, so the parameters they hold as replicas start
+    equal, while stages draw different numbers for their different layers. The tracker then derives the
+    per-TP-rank stream (``model_parallel_cuda_manual_seed``) that Megatron forks into for TP-sharded
+    weights and dropout. Needs Megatron's groups (:func:`initialize_parallel`).
+    """
+    from megatron.core import tensor_parallel
+
+    stage_seed = seed + 100 * pp_rank
+    torch.manual_seed(stage_seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+
 
 DIST_TIMEOUT_ENV = "FIPO_DIST_TIMEOUT_MIN"
 _DEFAULT_DIST_TIMEOUT_MIN = 60
@@ -217,13 +245,11 @@ def initialize_parallel(config: ParallelConfig, *, hf_config=None, seed: int = 1
     Idempotent for the same ``config``; a different layout in the same process needs
     :func:`destroy_parallel` first. With ``hf_config`` the layout is checked against the model (heads,
     KV heads, layers) before anything is created (``on_cpu`` as in :func:`validate_layout`; the planner
-    passes False to check a GPU layout on CPU). Seeds Megatron's RNG tracker so TP ranks draw per-rank
-    streams and all ranks of a stage agree on the default stream (``seed + 100 * pp_rank``, as Megatron's
-    own training does). ``distributed_timeout_minutes`` of Megatron's groups: None for
+    passes False to check a GPU layout on CPU). Seeds the RNGs once, when it creates the groups
+    (:func:`seed_stage_rng`). ``distributed_timeout_minutes`` of Megatron's groups: None for
     :func:`dist_timeout_minutes`, the default group's.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
 
     apply_cpu_compat()
     init_distributed()
@@ -247,11 +273,7 @@ def initialize_parallel(config: ParallelConfig, *, hf_config=None, seed: int = 1
             virtual_pipeline_model_parallel_size=want[3], context_parallel_size=config.cp,
             distributed_timeout_minutes=(dist_timeout_minutes() if distributed_timeout_minutes is None
                                          else distributed_timeout_minutes))
-        pp_rank = ps.get_pipeline_model_parallel_rank()
-        torch.manual_seed(seed + 100 * pp_rank)
-        if torch.cuda.is_available():
-            torch.cuda.manual_seed(seed + 100 * pp_rank)
-        tensor_parallel.model_parallel_cuda_manual_seed(seed + 100 * pp_rank)
+        seed_stage_rng(seed, pp_rank=ps.get_pipeline_model_parallel_rank())
         logger.info("parallel layout: tp=%d pp=%d cp=%d vpp=%s dp=%d (world %d)", config.tp, config.pp,
                     config.cp, want[3], dp, world_size)
 

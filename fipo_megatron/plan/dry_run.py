@@ -257,7 +257,7 @@ def _run_role(cfg: FipoConfig, hf_config, *, world_size: int, tp_rank: int, cp_r
         # master weight: half a second per 32B stage even on meta); one role per stage pays for it.
         overrides = dict(model_overrides(cfg), perform_initialization=export, sequence_parallel=False)
         with torch.device("meta"):
-            chunks = build_model_chunks(hf_config, parallel=p, params_dtype=cfg.actor.torch_params_dtype, seed=None,
+            chunks = build_model_chunks(hf_config, groups=groups, params_dtype=cfg.actor.torch_params_dtype, seed=None,
                                         backend="local", config_overrides=overrides)
         for chunk in chunks:
             install_hidden_states_output(chunk)

@@ -77,9 +77,11 @@ def _loads(data: bytes):
 def _teardown_megatron() -> None:
     import sys
 
-    ps = sys.modules.get("megatron.core.parallel_state")
-    if ps is not None and ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+    # A worker that never touched Megatron must not pay for importing it (~4 s) just to tear nothing down.
+    if "megatron.core.parallel_state" in sys.modules:
+        from fipo_megatron.parallel.topology import destroy_parallel
+
+        destroy_parallel()
 
 
 def _start_method(backend: str) -> str:

@@ -43,7 +43,7 @@ def _worker(rank, world_size, overrides, bucket_bytes, repeats, device):
     hf = tiny_hf_config("qwen2", **overrides)
     parallel = ParallelConfig(tp=world_size)
     groups = initialize_parallel(parallel, hf_config=hf)
-    model = build_gpt_model(hf, parallel=parallel, params_dtype=torch.bfloat16).eval()
+    model = build_gpt_model(hf, groups=groups, params_dtype=torch.bfloat16).eval()
     model_device = next(model.parameters()).device
     if model_device.type != device:
         raise RuntimeError(f"the model was built on {model_device}, not on the requested {device}")
