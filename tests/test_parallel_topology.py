@@ -95,6 +95,28 @@ def test_cpu_compat_idempotent():
         assert torch.equal(torch.rand(3), a), "re-seeding reproduces the tracked stream"
 
 
+def test_run_checkpoint_rng_state_holds_megatron_tracker():
+    """The run checkpoint's RNG file (checkpoint.manager) carries Megatron's tracked streams, so a resumed
+    rank forks into the same numbers as the run that kept going."""
+    from megatron.core.tensor_parallel import random as mp_random
+
+    from fipo_megatron.checkpoint.manager import capture_rng_state, restore_rng_state
+
+    apply_cpu_compat()
+    mp_random.model_parallel_cuda_manual_seed(11, tp_rank=0, ep_rank=0, etp_rank=0)
+    tracker = mp_random.get_cuda_rng_tracker()
+    with tracker.fork():
+        torch.rand(5)
+    saved = capture_rng_state()
+    assert set(saved["megatron_tracker"]) == set(tracker.get_states())
+    with tracker.fork():
+        continued = torch.rand(3)
+    mp_random.model_parallel_cuda_manual_seed(11, tp_rank=0, ep_rank=0, etp_rank=0)  # a fresh process's tracker
+    restore_rng_state(saved)
+    with mp_random.get_cuda_rng_tracker().fork():
+        assert torch.equal(torch.rand(3), continued)
+
+
 def test_cpu_compat_noop_when_cuda_present():
     """With CUDA 'available' nothing is patched (checked in a fresh interpreter)."""
     code = textwrap.dedent("""

@@ -261,11 +261,13 @@ class MegatronActor:
         self.optimizer.reload_model_params()
 
     def save_checkpoint(self, ckpt_dir: str) -> None:
-        """Model, optimizer, LR scheduler and RNG state as a Megatron dist checkpoint (any layout reloads it)."""
+        """Model, optimizer and LR scheduler as a Megatron dist checkpoint (any layout reloads it).
+
+        RNG states are not the actor's: the run checkpoint (``checkpoint.manager``) saves every rank's.
+        """
         from fipo_megatron.checkpoint.dist_ckpt import save_megatron_checkpoint
 
-        extra = {"scheduler": self.scheduler.state_dict(), "num_updates": self.num_updates,
-                 "torch_rng_state": torch.get_rng_state()}
+        extra = {"scheduler": self.scheduler.state_dict(), "num_updates": self.num_updates}
         # The bare GPTModels: the checkpoint keys must not carry the DDP wrapper's "module." prefix.
         save_megatron_checkpoint(ckpt_dir, [unwrap(c) for c in self.model_chunks], optimizer=self.optimizer,
                                  extra_state=extra, groups=self.groups)
@@ -279,8 +281,6 @@ class MegatronActor:
         if "scheduler" in extra:
             self.scheduler.load_state_dict(extra["scheduler"])
         self.num_updates = int(extra.get("num_updates", 0))
-        if "torch_rng_state" in extra:
-            torch.set_rng_state(extra["torch_rng_state"])
         return extra
 
 

@@ -5,8 +5,8 @@ Layout under ``root`` (a filesystem every rank sees)::
 
     step_00000040/model/            the actor's own checkpoint (Megatron dist-checkpoint: weights,
                                     optimizer, LR schedule; layout-independent)
-    step_00000040/rng/rank_00003.pt python / numpy / torch (/ cuda) RNG states of each rank (tensors and
-                                    numbers only: read with ``weights_only=True``)
+    step_00000040/rng/rank_00003.pt python / numpy / torch (/ cuda / Megatron tracker) RNG states of each
+                                    rank (tensors and numbers only: read with ``weights_only=True``)
     step_00000040/trainer_state.json step, data-sampler position, anything else the trainer keeps
     step_00000040/integrity.json    size and SHA-256 of every file above, and the checks the weights passed
     latest                           "step_00000040", replaced atomically
@@ -33,6 +33,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from typing import Any, Callable
 
 import numpy as np
@@ -53,9 +54,22 @@ class CheckpointCorruptError(ValueError):
     """A checkpoint's files disagree with its integrity record (the message names the file)."""
 
 
+def _megatron_rng_tracker():
+    """Megatron's RNG-state tracker (``tensor_parallel.random``: the TP-rank and data-parallel streams it
+    forks into for initialisation and dropout) when megatron-core has created one in this process, else
+    None. Never imports megatron-core: a process without a model has no tracker to save."""
+    module = sys.modules.get("megatron.core.tensor_parallel.random")
+    if module is None or not getattr(module, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", False):
+        return None
+    tracker = module.get_cuda_rng_tracker()
+    return tracker if tracker.is_initialized() else None
+
+
 def capture_rng_state() -> dict:
-    """This process's RNG states (python, numpy, torch CPU, and CUDA when initialised), as tensors and
-    numbers only, so that ``torch.load(weights_only=True)`` reads them back without unpickling objects."""
+    """This process's RNG states (python, numpy, torch CPU, CUDA when initialised, and Megatron's tracker
+    when there is one), as tensors and numbers only, so that ``torch.load(weights_only=True)`` reads them
+    back without unpickling objects. The one place a run's RNG state is saved: the actor's own checkpoint
+    holds none."""
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
@@ -63,11 +77,18 @@ def capture_rng_state() -> dict:
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    tracker = _megatron_rng_tracker()
+    if tracker is not None:
+        streams = tracker.get_states()
+        # A CUDA-graph-safe tracker keeps generator objects, which weights_only cannot read: not saved.
+        if all(isinstance(t, torch.Tensor) for t in streams.values()):
+            state["megatron_tracker"] = {name: t.clone() for name, t in streams.items()}
     return state
 
 
 def restore_rng_state(state: dict) -> None:
-    """Inverse of :func:`capture_rng_state`."""
+    """Inverse of :func:`capture_rng_state`. Megatron's tracker is restored when the state holds one and this
+    process has a tracker (build the model first)."""
     version, mt, gauss = state["python"]
     random.setstate((version, tuple(int(x) for x in mt.tolist()), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -75,6 +96,9 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    tracker = _megatron_rng_tracker() if "megatron_tracker" in state else None
+    if tracker is not None:
+        tracker.set_states({name: t.clone() for name, t in state["megatron_tracker"].items()})
 
 
 def _load_rng_file(path: str) -> dict | None:
