@@ -335,6 +335,8 @@ _SECTIONS: dict[str, tuple[tuple[str, type], ...]] = {
 }
 # Keys another section determines: the user sets the source, never the copy.
 _DERIVED = {("rollout", "max_new_tokens"): "data.max_response_length"}
+# Keys that moved to another section: an old config names the new place in its error.
+_MOVED = {("actor", "use_distributed_optimizer"): "parallel.use_distributed_optimizer"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -365,9 +367,6 @@ class FipoConfig:
         if self.reward.overlong_buffer.enable and self.reward.overlong_buffer.len >= d.max_response_length:
             raise ValueError(f"reward.overlong_buffer.len ({self.reward.overlong_buffer.len}) must be < "
                              f"data.max_response_length ({d.max_response_length})")
-        if a.use_distributed_optimizer != self.parallel.use_distributed_optimizer:
-            raise ValueError(f"actor.use_distributed_optimizer ({a.use_distributed_optimizer}) and "
-                             f"parallel.use_distributed_optimizer ({self.parallel.use_distributed_optimizer}) disagree")
         if self.algorithm.filter_groups.enable and self.sampling.n < 2:
             raise ValueError("algorithm.filter_groups.enable needs rollout.n >= 2 (groups of one always agree)")
         if self.sampling.temperature == 0 and self.sampling.n > 1:
@@ -401,6 +400,9 @@ def config_from_dict(raw: dict) -> FipoConfig:
         for (sec, key), source in _DERIVED.items():
             if sec == section and key in values:
                 raise ValueError(f"{section}.{key} is derived from {source}; set that instead")
+        for (sec, key), target in _MOVED.items():
+            if sec == section and key in values:
+                raise ValueError(f"{section}.{key} has moved to {target}; set it there instead")
         if section == "rollout":
             values["max_new_tokens"] = (raw.get("data") or {}).get("max_response_length", DataConfig.max_response_length)
         # A key goes to every owner that declares it, so a field both declare stays consistent.

@@ -58,7 +58,7 @@ def _dist_opt_worker(rank, world_size, hf_config, full, batch, ckpt_dir):
     out = {}
     for dist_opt in (False, True):
         actor = MegatronActor(hf_config=hf_config, parallel=ParallelConfig(use_distributed_optimizer=dist_opt),
-                              actor_config=_actor_config(params_dtype="bfloat16", use_distributed_optimizer=dist_opt),
+                              actor_config=_actor_config(params_dtype="bfloat16"),
                               loss_config=PolicyLossConfig())
         actor.load_full_state_dict(full)
         metrics = actor.update(batch)
@@ -69,7 +69,7 @@ def _dist_opt_worker(rank, world_size, hf_config, full, batch, ckpt_dir):
             again = actor.update(batch)
             destroy_parallel()
             fresh = MegatronActor(hf_config=hf_config, parallel=ParallelConfig(use_distributed_optimizer=True),
-                                  actor_config=_actor_config(params_dtype="bfloat16", use_distributed_optimizer=True),
+                                  actor_config=_actor_config(params_dtype="bfloat16"),
                                   loss_config=PolicyLossConfig())
             fresh.load_checkpoint(ckpt_dir)
             out["resumed"] = dict(first=again, second=fresh.update(batch))

@@ -64,6 +64,7 @@ def test_yaml_and_overrides(base):
     ("checkpoint.keep_last=0", "checkpoint.keep_last"),                    # bad value (CheckpointConfig)
     ("data.train_files=[a.jsonl]", "data.train_files"),                    # files and synthetic together
     ("rollout.max_new_tokens=5", "data.max_response_length"),              # derived key
+    ("actor.use_distributed_optimizer=true", "parallel.use_distributed_optimizer"),  # moved key
     ("data.train_batch_size=7", "actor.ppo_mini_batch_size"),              # cross-field: not a multiple
     ("reward.overlong_buffer.len=6", "reward.overlong_buffer.len"),        # cross-field: buffer >= max length
     ("rollout.placement=everywhere", "rollout.placement"),                 # not a placement

@@ -68,9 +68,6 @@ class MegatronActor:
             raise ValueError("ActorConfig.recompute needs CUDA (Megatron's checkpointing reads CUDA RNG state)")
         if actor_config.precision == "fp8":
             require_fp8_training(field="ActorConfig.precision")
-        use_dist_opt = actor_config.use_distributed_optimizer or parallel.use_distributed_optimizer
-        if use_dist_opt and not torch.cuda.is_available():
-            raise ValueError("ActorConfig.use_distributed_optimizer needs CUDA (Megatron's distributed optimizer)")
         self.hf_config, self.parallel, self.config, self.loss_config = hf_config, parallel, actor_config, loss_config
         self.loss_fn = get_policy_loss(loss_config.loss_mode)
         self.groups = initialize_parallel(parallel, hf_config=hf_config, seed=actor_config.seed)
@@ -85,6 +82,7 @@ class MegatronActor:
         for chunk in chunks:
             install_hidden_states_output(chunk)
         tf_config = chunks[0].config
+        use_dist_opt = parallel.use_distributed_optimizer
         self.model_chunks = wrap_ddp(chunks, transformer_config=tf_config, use_distributed_optimizer=use_dist_opt)
         self.optimizer, self.scheduler = build_optimizer(self.model_chunks, actor_config=actor_config,
                                                          use_distributed_optimizer=use_dist_opt)

@@ -40,7 +40,6 @@ class ActorConfig:
             "tensorwise" (per-tensor current scaling) or "blockwise" (1x128 / 128x128 block scales, Hopper;
             the recipe matching block-FP8 rollout weights).
         recompute: activation recomputation: "none" | "full" (every layer) | "selective" (core attention).
-        use_distributed_optimizer: shard optimizer state over DP (GPU only).
         seed: RNG seed (model init before weights are loaded, dropout if any).
     """
 
@@ -60,7 +59,6 @@ class ActorConfig:
     fp8_format: str = "hybrid"
     fp8_recipe: str = "delayed"
     recompute: str = "none"
-    use_distributed_optimizer: bool = False
     seed: int = 1234
 
     def __post_init__(self) -> None:

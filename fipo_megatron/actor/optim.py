@@ -46,9 +46,9 @@ def wrap_ddp(model_chunks: list, *, transformer_config, use_distributed_optimize
     return wrapped
 
 
-def build_optimizer(model_chunks: list, *, actor_config: ActorConfig, use_distributed_optimizer: bool | None = None):
-    """``(optimizer, scheduler)`` for DDP-wrapped ``model_chunks``. ``use_distributed_optimizer`` must match
-    what the chunks were wrapped with (default: ``actor_config``'s)."""
+def build_optimizer(model_chunks: list, *, actor_config: ActorConfig, use_distributed_optimizer: bool = False):
+    """``(optimizer, scheduler)`` for DDP-wrapped ``model_chunks``. ``use_distributed_optimizer``
+    (``ParallelConfig.use_distributed_optimizer``) must match what the chunks were wrapped with."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -58,8 +58,7 @@ def build_optimizer(model_chunks: list, *, actor_config: ActorConfig, use_distri
         OptimizerConfig, optimizer="adam", lr=c.lr, min_lr=0.0, weight_decay=c.weight_decay,
         adam_beta1=c.adam_beta1, adam_beta2=c.adam_beta2, adam_eps=c.adam_eps, clip_grad=c.clip_grad,
         bf16=bf16, params_dtype=c.torch_params_dtype,
-        use_distributed_optimizer=c.use_distributed_optimizer if use_distributed_optimizer is None
-        else use_distributed_optimizer))
+        use_distributed_optimizer=use_distributed_optimizer))
     optimizer = get_megatron_optimizer(opt_config, model_chunks)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=c.lr, min_lr=c.lr, lr_warmup_steps=c.lr_warmup_steps,

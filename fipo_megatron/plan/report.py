@@ -42,8 +42,7 @@ def _candidates(cfg: FipoConfig, cluster: Cluster) -> list[tuple[str, list[str]]
     if a.recompute != "full":
         out.append(("actor.recompute=full", ["actor.recompute=full"]))
     if not p.use_distributed_optimizer:
-        out.append(("parallel.use_distributed_optimizer=true (and actor.)",
-                    ["parallel.use_distributed_optimizer=true", "actor.use_distributed_optimizer=true"]))
+        out.append(("parallel.use_distributed_optimizer=true", ["parallel.use_distributed_optimizer=true"]))
     for factor in (2, 4):
         out.append((f"parallel.cp={p.cp * factor}", [f"parallel.cp={p.cp * factor}"]))
     out.append((f"parallel.pp={p.pp * 2}", [f"parallel.pp={p.pp * 2}"]))
