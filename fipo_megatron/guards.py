@@ -165,9 +165,9 @@ class PreemptionHandler:
         every rank), so that all ranks stop at the same step."""
         flag = self.requested
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-            if dist.get_backend() == "nccl":
-                t = t.cuda()
+            from fipo_megatron.parallel.topology import collective_device
+
+            t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=collective_device())
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = bool(t.item())
         return flag

@@ -33,7 +33,6 @@ from __future__ import annotations
 import os
 import time
 
-import torch
 import torch.distributed as dist
 
 from fipo_megatron.batch import TrainBatch
@@ -43,6 +42,7 @@ from fipo_megatron.config import FipoConfig, config_to_dict, save_config
 from fipo_megatron.guards import DivergenceError, PreemptionHandler, SkipGuard, first_non_finite_parameter, skip_reason
 from fipo_megatron.log import get_logger
 from fipo_megatron.metrics import MetricsLogger, PhaseTimer
+from fipo_megatron.parallel.topology import collective_device
 from fipo_megatron.rollout.mismatch import rollout_mismatch_metrics
 from fipo_megatron.rollout.node_engines import RolloutPlacement
 from fipo_megatron.token_records import TokenRecorder
@@ -308,8 +308,7 @@ def _broadcast_from_rank0(obj):
     if dist.get_world_size() == 1:
         return obj
     box = [obj]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    dist.broadcast_object_list(box, src=0, device=device)
+    dist.broadcast_object_list(box, src=0, device=collective_device())
     return box[0]
 
 

@@ -28,8 +28,8 @@ from fipo_megatron.actor.config import ActorConfig
 from fipo_megatron.actor.forward import install_hidden_states_output, make_forward_step, unwrap
 from fipo_megatron.actor.optim import build_optimizer, current_lr, step_if_finite, wrap_ddp
 from fipo_megatron.actor.packing import PackedMicroBatch, balanced_partition, plan_and_pack
-from fipo_megatron.actor.step import (TokenCapture, aggregation_kind, collect_token_taps, logprob_loss_fn, make_loss_fn,
-                                      reduce_metrics, run_schedule)
+from fipo_megatron.actor.step import (TokenCapture, collect_token_taps, combine_mini_batches, logprob_loss_fn,
+                                      make_loss_fn, reduce_metrics, run_schedule)
 from fipo_megatron.batch import Sample, TrainBatch
 from fipo_megatron.log import get_logger
 from fipo_megatron.parallel.cp_layout import padded_length
@@ -205,7 +205,7 @@ class MegatronActor:
             self.last_token_taps = None if taps is None else {i + starts[-1]: v for i, v in taps.items()}
         self.scheduler.step(increment=1)
         self.num_updates += 1
-        metrics = _combine_mini_batches(self.last_mini_batch_metrics)
+        metrics = combine_mini_batches(self.last_mini_batch_metrics)
         metrics["num_mini_batches"] = float(len(self.last_mini_batch_metrics))
         metrics["timing/old_log_prob_s"] = t_old
         metrics["timing/update_s"] = time.perf_counter() - t_start - t_old
@@ -280,21 +280,3 @@ class MegatronActor:
             self.scheduler.load_state_dict(extra["scheduler"])
         self.num_updates = int(extra.get("num_updates", 0))
         return extra
-
-
-def _combine_mini_batches(per_mini: list[dict[str, float]]) -> dict[str, float]:
-    """Mini-batch metrics -> step metrics: min of ``*_min``, max of ``*_max``, sum of ``num_*``, else the mean."""
-    out: dict[str, float] = {}
-    for name in sorted({k for m in per_mini for k in m}):
-        values = [m[name] for m in per_mini if name in m]
-        finite = [v for v in values if math.isfinite(v)]
-        kind = aggregation_kind(name)
-        if kind == "min":
-            out[name] = min(finite) if finite else float("nan")
-        elif kind == "max":
-            out[name] = max(finite) if finite else float("nan")
-        elif kind == "sum":
-            out[name] = float(sum(values))
-        else:  # mini-batches count alike, whatever their token counts
-            out[name] = sum(finite) / len(finite) if finite else float("nan")
-    return out

@@ -13,6 +13,10 @@ without the extra pass over the gradients. The released code's per-micro-batch m
 ("token-mean-microbatch") is scaled by the micro-batch's share of this DP rank's sequences and by 1/dp
 (verl's DP average), and reports zero tokens so that Megatron leaves it unscaled.
 
+Metrics combine by name (``aggregation_kind``: ``*_min``, ``*_max``, ``num_*``, else a mean), over
+micro-batches and DP x CP ranks in ``reduce_metrics`` and over a step's mini-batches in
+``combine_mini_batches``; the actor only calls them.
+
 Per-token records: a ``TokenCapture`` handed to ``make_loss_fn`` makes the loss fill a ``token_tap``
 (``algo.policy_loss.TOKEN_TAP_FIELDS``) on the micro-batches that hold one of its samples, and
 ``collect_token_taps`` brings those samples' values to global rank 0. Without a capture nothing is
@@ -230,4 +234,22 @@ def reduce_metrics(outputs: list[dict], *, groups, device) -> dict[str, float]:
     out["pg_loss"] = loss_sum / max(kept, 1.0)  # the exact global token mean of the mini-batch
     out["num_kept_tokens"] = kept
     out["entropy"] = ent_sum / max(num_tok, 1.0)
+    return out
+
+
+def combine_mini_batches(per_mini: list[dict[str, float]]) -> dict[str, float]:
+    """Mini-batch metrics -> step metrics: min of ``*_min``, max of ``*_max``, sum of ``num_*``, else the mean."""
+    out: dict[str, float] = {}
+    for name in sorted({k for m in per_mini for k in m}):
+        values = [m[name] for m in per_mini if name in m]
+        finite = [v for v in values if math.isfinite(v)]
+        kind = aggregation_kind(name)
+        if kind == "min":
+            out[name] = min(finite) if finite else float("nan")
+        elif kind == "max":
+            out[name] = max(finite) if finite else float("nan")
+        elif kind == "sum":
+            out[name] = float(sum(values))
+        else:  # mini-batches count alike, whatever their token counts
+            out[name] = sum(finite) / len(finite) if finite else float("nan")
     return out

@@ -14,14 +14,18 @@ from __future__ import annotations
 import torch
 
 
-def padded_length(length: int, *, cp_size: int, multiple: int = 1) -> int:
-    """Smallest length >= ``length`` divisible by ``2 * cp_size * multiple`` (``multiple``: e.g. TP for SP).
-
-    With ``cp_size == 1`` only ``multiple`` applies (no zig-zag split happens).
-    """
+def padding_unit(*, cp_size: int, multiple: int = 1) -> int:
+    """What every sequence's length must be a multiple of: ``2 * cp_size * multiple`` (``multiple``: e.g. TP
+    for sequence parallelism). The one definition of the rule; with ``cp_size == 1`` only ``multiple``
+    applies (no zig-zag split happens)."""
     if cp_size < 1 or multiple < 1:
         raise ValueError(f"cp_size ({cp_size}) and multiple ({multiple}) must be >= 1")
-    unit = (2 * cp_size if cp_size > 1 else 1) * multiple
+    return (2 * cp_size if cp_size > 1 else 1) * multiple
+
+
+def padded_length(length: int, *, cp_size: int, multiple: int = 1) -> int:
+    """Smallest length >= ``length`` that is a multiple of :func:`padding_unit`."""
+    unit = padding_unit(cp_size=cp_size, multiple=multiple)
     return -(-length // unit) * unit
 
 

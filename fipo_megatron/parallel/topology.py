@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from fipo_megatron.log import get_logger
+from fipo_megatron.parallel.cp_layout import padding_unit
 from fipo_megatron.parallel.cpu_compat import apply_cpu_compat
 
 logger = get_logger(__name__)
@@ -69,8 +70,9 @@ class ParallelConfig:
         return self.vpp or 1
 
     def seq_multiple(self) -> int:
-        """Every (packed) sequence's length must be a multiple of this: ``2*cp`` for CP, times tp with SP."""
-        return (2 * self.cp if self.cp > 1 else 1) * self.sequence_parallel_multiple()
+        """Every (packed) sequence's length must be a multiple of this: ``2*cp`` for CP, times tp with SP
+        (``parallel.cp_layout.padding_unit``)."""
+        return padding_unit(cp_size=self.cp, multiple=self.sequence_parallel_multiple())
 
     def sequence_parallel_multiple(self) -> int:
         """The padding multiple sequence parallelism adds on top of CP's ``2*cp`` (its TP ranks split each
@@ -81,6 +83,12 @@ class ParallelConfig:
 def local_device() -> torch.device:
     """This process's compute device: its current CUDA device, or the CPU without CUDA."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def collective_device(group=None) -> torch.device:
+    """Where the tensors of a collective over ``group`` (None: the default group) must live: this process's
+    CUDA device under NCCL, the CPU under gloo (a job may mix them, e.g. gloo groups beside NCCL)."""
+    return local_device() if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
 
 def validate_layout(config: ParallelConfig, *, world_size: int, num_attention_heads: int | None = None,

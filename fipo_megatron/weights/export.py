@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from fipo_megatron.log import get_logger
 from fipo_megatron.models.sharding import gather_tp_shards, local_params, partition_dim
+from fipo_megatron.parallel.topology import collective_device
 
 logger = get_logger(__name__)
 
@@ -433,8 +434,7 @@ def broadcast_hf_buckets(model_chunks, *, route: StageRoute, groups, hf_config=N
             check_against_hf_state_dict(sent, expected)
         except ValueError as e:
             error = str(e)
-    device = (torch.device("cuda", torch.cuda.current_device())
-              if dist.get_backend(route.group) == "nccl" else torch.device("cpu"))
+    device = collective_device(route.group)
     fence_bytes = _FENCE_WORDS * 8
     for stage in range(len(route.sources)):
         _, nonce, bucket_specs = manifests[stage]
