@@ -6,10 +6,5 @@
 - ``scoring``: reward calls under a timeout (threads or a process pool).
 """
 
-from fipo_megatron.algo.rewards.base import register_reward
-from fipo_megatron.data import synthetic  # noqa: F401  (registers the "synthetic" reward)
-from fipo_megatron.data.scoring import math_verify_score
-
-# HF math-verify's rule, registered beside the package's other rewards (the import of math_verify itself
-# stays lazy, inside the function).
-register_reward("math_verify", failure_score=-1.0)(math_verify_score)
+# Importing these registers the package's own rewards: "synthetic" and "math_verify".
+from fipo_megatron.data import scoring, synthetic  # noqa: F401

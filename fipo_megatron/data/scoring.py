@@ -29,6 +29,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from fipo_megatron.algo.rewards.base import register_reward
 from fipo_megatron.log import get_logger
 
 logger = get_logger(__name__)
@@ -224,6 +225,8 @@ class ScoreRunner:
         self._workers = []
 
 
+# Registered beside the package's other rewards; math_verify itself is imported lazily, inside the call.
+@register_reward("math_verify", failure_score=-1.0)
 def math_verify_score(*, response_text: str, ground_truth: Any, **_) -> dict:
     """+1 / -1 by HF math-verify (``pip install 'fipo_megatron[math-verify]'``): parse both, compare."""
     try:
