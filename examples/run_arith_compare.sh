@@ -22,7 +22,7 @@ if [ ! -f "$OUT/base/model/config.json" ]; then
   nice "$PY" -m fipo_megatron.data.arith_task --out "$OUT/base" --num-operands 8 --modulus "$MODULUS" --sft-steps 400
 fi
 if [ ! -f "$OUT/base/sampled_acc.log" ]; then  # what writing more lines buys the warm-started model
-  nice "$PY" -m fipo_megatron.data.arith_task --out "$OUT/base" --num-operands 8 --modulus "$MODULUS" --measure \
+  nice "$PY" tools/arith_measure.py --base "$OUT/base" --num-operands 8 --modulus "$MODULUS" \
     > "$OUT/base/sampled_acc.log" 2>&1
 fi
 for seed in $SEEDS; do

@@ -5,8 +5,8 @@
 Reads the source with ``ast`` (nothing is imported), counting every ``import fipo_megatron.X...`` and
 ``from fipo_megatron.X... import ...``. Two graphs: the import-time one (module-level imports) and the full
 one (lazy imports inside functions too: a cycle that only a lazy import hides is still a cycle for a
-reader). tests/test_import_graph.py keeps the import-time graph acyclic and ``algo`` free of everything
-but the registry and logging, lazy imports included.
+reader). tests/test_import_graph.py keeps both graphs acyclic and ``algo`` free of everything but the
+registry and logging, lazy imports included.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ last digit of their sum: rules over a fixed distance (``2k`` tokens back). Jumpi
 the lines gains accuracy by writing more of them, so response length is the lever (a full solution is
 ``(k - 1) * 2k + 9`` characters: 121 for k = 8).
 
-Whether writing lines actually helps depends on the policy computing them: ``--measure`` samples the
-model and prints its accuracy per number of written lines. With ``--modulus 2`` (the parity of a bit
+Whether writing lines actually helps depends on the policy computing them: ``tools/arith_measure.py``
+samples the model and prints its accuracy per number of written lines. With ``--modulus 2`` (the parity of a bit
 string: each line is one XOR) the warm start learns the lines within ~200 batches, and sampled at
 temperature 1 it is right about 80% of the time after all 7 lines against 17-44% after 0-5 (chance is
 50%): length pays. With ``--modulus 10`` (500 batches) it learns the format and the copy rule but not the
@@ -222,31 +222,6 @@ def greedy_accuracy_by_steps(model, tokenizer: CharTokenizer, *, num_operands: i
     return out
 
 
-def sampled_accuracy_by_steps(model_dir: str, *, num_operands: int, num_prompts: int, n: int, temperature: float,
-                              seed: int, modulus: int = 10) -> dict[int, dict[str, float]]:
-    """Sample ``n`` responses to each of ``num_prompts`` fresh problems with the embedded engine and score
-    them with the DAPO rule; ``{lines written: {"count", "acc"}}``. What a policy at ``temperature`` gains
-    from writing more lines, errors in the sampled lines included."""
-    from fipo_megatron.algo.rewards.dapo_math import dapo_math_reward
-    from fipo_megatron.data.tokenizer import load_tokenizer
-    from fipo_megatron.rollout.base import SamplingParams
-    from fipo_megatron.rollout.embedded import EmbeddedEngine
-
-    tokenizer = load_tokenizer(model_dir)
-    engine = EmbeddedEngine(model_path=model_dir, eos_token_ids=[tokenizer.eos_token_id])
-    rows = make_arith_rows(num_rows=num_prompts, num_operands=num_operands, seed=seed, modulus=modulus)
-    prompts = [tokenizer.encode(r["prompt"][0]["content"]) for r in rows]
-    sampling = SamplingParams(temperature=temperature, n=n, seed=seed, max_new_tokens=2 * num_operands * num_operands + 16,
-                              stop_token_ids=(tokenizer.eos_token_id,))
-    stats: dict[int, list[int]] = {}
-    for out in engine.generate(prompts, sampling):
-        text = tokenizer.decode(out.token_ids)
-        truth = rows[out.prompt_index]["reward_model"]["ground_truth"]
-        hit = dapo_math_reward(response_text=text, ground_truth=truth)["acc"]
-        stats.setdefault(count_steps(text), []).append(int(hit))
-    return {j: {"count": len(v), "acc": sum(v) / len(v)} for j, v in sorted(stats.items())}
-
-
 def prepare(*, out: str, num_operands: int, num_train: int, num_val: int, sft_steps: int, sft_batch_size: int,
             sft_lr: float, seed: int, all_steps_fraction: float = 0.6, modulus: int = 10, logger=None) -> dict:
     """Write ``out/{model, train.jsonl, val.jsonl, warm_start.json}``; return the warm-start summary."""
@@ -285,9 +260,6 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m fipo_megatron.data.arith_task --out DIR [--num-operands 8 ...]``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output directory (model/, train.jsonl, val.jsonl)")
-    parser.add_argument("--measure", action="store_true",
-                        help="only sample OUT/model and print accuracy per number of written lines")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --measure")
     parser.add_argument("--num-operands", type=int, default=8, help="digits per problem (k)")
     parser.add_argument("--modulus", type=int, default=10, help="answer = sum modulo this (2: parity of bits)")
     parser.add_argument("--num-train", type=int, default=4096)
@@ -302,13 +274,6 @@ def main(argv: list[str] | None = None) -> int:
     from fipo_megatron.log import get_logger
 
     logger = get_logger("fipo_megatron.arith_task")
-    if args.measure:
-        acc = sampled_accuracy_by_steps(os.path.join(args.out, "model"), num_operands=args.num_operands, num_prompts=64,
-                                        n=8, temperature=args.temperature, seed=args.seed + 3,
-                                        modulus=args.modulus)
-        logger.info("sampled at temperature %g, accuracy per number of written lines: %s", args.temperature,
-                    json.dumps(acc))
-        return 0
     summary = prepare(out=args.out, num_operands=args.num_operands, num_train=args.num_train, num_val=args.num_val,
                       sft_steps=args.sft_steps, sft_batch_size=args.sft_batch_size, sft_lr=args.sft_lr, seed=args.seed,
                       all_steps_fraction=args.all_steps_fraction, modulus=args.modulus, logger=logger)
