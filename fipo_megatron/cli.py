@@ -100,6 +100,9 @@ def _report_config_changes(cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run training from the command line (``argv`` without the program name; ``sys.argv`` by default) and
+    return the exit code of the module docstring. Config and layout errors are raised before any process
+    group exists; the process group is destroyed on the way out, whatever happened."""
     args, overrides = parse_args(argv)
 
     from fipo_megatron.config import load_config

@@ -16,7 +16,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "fipo_megatron"
 
 COVERED = [
+    "actor",
     "algo",
+    "checkpoint",
+    "models",
+    "parallel",
     "rollout",
     "weights",
     "data",
@@ -26,6 +30,7 @@ COVERED = [
     "__main__",
     "batch",
     "build",
+    "cli",
     "config",
     "config_loader",
     "guards",

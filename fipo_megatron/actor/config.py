@@ -95,6 +95,7 @@ class ActorConfig:
 
     @property
     def torch_params_dtype(self) -> torch.dtype:
+        """``params_dtype`` as a torch dtype."""
         return PARAMS_DTYPES[self.params_dtype]
 
     def fp8_model_kwargs(self) -> dict:

@@ -59,6 +59,7 @@ class TokenCapture:
     taps: list = field(default_factory=list)
 
     def wants(self, mb: PackedMicroBatch) -> bool:
+        """Whether micro-batch ``mb`` holds one of the samples to tap."""
         return any(i in self.sample_indices for i in mb.sample_indices)
 
 

@@ -218,6 +218,15 @@ class LocalCoreAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):
+        """Causal attention in Megatron's core-attention contract.
+
+        Padded input: ``query`` ``[s, b, heads, d]``, ``key``/``value`` ``[s, b, kv_heads, d]`` (this CP
+        rank's zig-zag share under CP), ``attention_mask`` (True = masked out, combined with the causal
+        mask; None under CP) -> ``[s, b, heads * d]``. Packed THD input (``packed_seq_params`` with
+        ``qkv_format="thd"``): ``[t, heads, d]`` / ``[t, kv_heads, d]``, each sequence attending only to
+        itself by ``cu_seqlens`` (the padded ones when given) -> ``[t, heads * d]``. ``attn_mask_type`` and
+        the other keywords Megatron passes are accepted and ignored: the attention is always causal.
+        """
         if attention_bias is not None:
             raise ValueError("LocalCoreAttention does not support attention_bias")
         dropout_p = self.dropout_p if self.training else 0.0

@@ -159,6 +159,8 @@ def transformer_config_from_hf(hf_config, *, parallel: ParallelConfig, params_dt
         # Fused kernels (apex / TE / torch.jit-on-CUDA) only exist on GPU.
         bias_activation_fusion=cuda,
         masked_softmax_fusion=False,
+        # The unfused RoPE handles THD and CP positions on every device; the TE spec turns the fused kernel
+        # on (models.builder.make_transformer_config).
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,

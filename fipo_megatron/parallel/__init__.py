@@ -1,7 +1,8 @@
 """Parallel topology, the CPU compatibility layer, and context-parallel helpers.
 
 Public names: :class:`ParallelConfig`, :class:`ParallelGroups`, :func:`validate_layout`,
-:func:`initialize_parallel`, :func:`destroy_parallel`, :func:`apply_cpu_compat`, :func:`cpu_compat_active`.
+:func:`init_distributed`, :func:`initialize_parallel`, :func:`destroy_parallel`, :func:`apply_cpu_compat`,
+:func:`cpu_compat_active`.
 The submodules ``cp_layout`` (zig-zag CP layout) and ``cp_future_kl`` are imported by their full names.
 """
 
@@ -10,6 +11,7 @@ from fipo_megatron.parallel.topology import (
     ParallelConfig,
     ParallelGroups,
     destroy_parallel,
+    init_distributed,
     initialize_parallel,
     validate_layout,
 )
@@ -20,6 +22,7 @@ __all__ = [
     "apply_cpu_compat",
     "cpu_compat_active",
     "destroy_parallel",
+    "init_distributed",
     "initialize_parallel",
     "validate_layout",
 ]

@@ -1,11 +1,15 @@
-"""The one owner of parallel topology: validate the layout, initialise Megatron's groups once, hand them out.
+"""The one owner of parallel topology: validate the layout, initialise the process group and Megatron's groups
+once, hand them out.
 
     groups = initialize_parallel(ParallelConfig(tp=2, pp=2, cp=1), hf_config=hf_config)
     groups.tp_group, groups.dp_cp_group, groups.pg_collection, groups.is_last_stage ...
 
 Megatron's ranks are laid out in its default order "tp-cp-ep-dp-pp" (tp fastest). Everything that needs a
 group takes it from the frozen :class:`ParallelGroups` bundle; nothing here adds module globals beyond the
-ones megatron-core's ``parallel_state`` keeps itself.
+ones megatron-core's ``parallel_state`` keeps itself, and outside ``parallel/`` nothing reads those
+(``tests/test_import_graph.py``). Also here: the process group (:func:`init_distributed`, with its timeout
+``$FIPO_DIST_TIMEOUT_MIN``), the per-stage seeding (:func:`seed_stage_rng`) and the devices tensors live on
+(:func:`local_device`, :func:`collective_device`).
 """
 
 from __future__ import annotations
