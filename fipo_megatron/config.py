@@ -303,6 +303,9 @@ class TrainerConfig:
     # Stop (exit code 3) after this many steps in a row without progress: every optimizer step skipped for a
     # non-finite loss/gradient, a non-finite reward, or no update at all. 0 = no limit.
     max_consecutive_skipped_steps: int = 10
+    # A checkpoint whose weights' norm grew more than this many times since the last passing checkpoint (or
+    # the run's start) is saved but marked as not passing, so rotation keeps the older good one. 0 = off.
+    max_weight_norm_growth: float = 10.0
     # After SIGTERM: save at the next step boundary and exit (code 143); exit anyway after this many seconds.
     sigterm_grace_s: float = 25.0
     # A fresh run (nothing to resume) refuses a run_dir holding an earlier run's files unless this is set;
@@ -316,6 +319,8 @@ class TrainerConfig:
             raise ValueError(f"max_consecutive_skipped_steps must be >= 0, got {self.max_consecutive_skipped_steps}")
         if not self.sigterm_grace_s > 0:
             raise ValueError(f"sigterm_grace_s must be > 0, got {self.sigterm_grace_s}")
+        if not self.max_weight_norm_growth >= 0:
+            raise ValueError(f"max_weight_norm_growth must be >= 0 (0 = off), got {self.max_weight_norm_growth}")
         if self.val_interval < 0:
             raise ValueError(f"val_interval must be >= 0, got {self.val_interval}")
 

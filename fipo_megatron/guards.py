@@ -111,6 +111,64 @@ def first_non_finite_parameter(model_chunks: Iterable[torch.nn.Module], *, group
     return bad
 
 
+def parameter_norm(model_chunks: Iterable[torch.nn.Module], *, group=None) -> float:
+    """L2 norm of the parameters every rank of ``group`` (the world by default) holds, the same on every rank.
+
+    A parameter held by several ranks (data-parallel replicas, TP-duplicated norms) counts once per holder.
+    That weighting is fixed for a run's layout, so the ratio of two calls measures how much the weights
+    grew; it is not the model's own norm. Each tensor's norm is taken in its dtype (accumulated in fp32 by
+    torch's reductions, returned in the dtype: three significant digits for bf16, ample for a growth
+    check), so no parameter-sized copy is made; the squares add up in float64.
+    Collective over ``group`` when torch.distributed is initialised.
+    """
+    total = 0.0
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            total += float(torch.linalg.vector_norm(param.detach()).float()) ** 2
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        from fipo_megatron.parallel.topology import collective_device
+
+        t = torch.tensor([total], dtype=torch.float64, device=collective_device(group))
+        dist.all_reduce(t, group=group)
+        total = float(t.item())
+    return math.sqrt(total)
+
+
+class WeightGrowthGuard:
+    """Finite weights can still be ruined: one update at a learning rate of 1e30 leaves every weight near
+    1e30, and such a checkpoint would pass the finite check and push the last good one out of rotation.
+
+    This guard compares the weights' norm (:func:`parameter_norm`) at each save with the norm at the last
+    save that passed (at first: the weights the run started or resumed from). Growth beyond
+    ``max_growth``-fold fails the check; the checkpoint is still written (its state may be worth a look)
+    but marked as not passing, so rotation keeps the older good one. RL fine-tuning moves a model's norm
+    by well under a percent per step, so the default of 10x only fires on a run that has blown up.
+    ``max_growth`` 0 turns the check off.
+    """
+
+    def __init__(self, *, max_growth: float):
+        if max_growth < 0:
+            raise ValueError(f"max_growth must be >= 0, got {max_growth}")
+        self.max_growth = max_growth
+        self.reference: float | None = None
+
+    def start(self, norm: float) -> None:
+        """The norm of the weights the run starts (or resumes) from."""
+        self.reference = norm
+
+    def check(self, norm: float) -> tuple[bool, float | None]:
+        """``(ok, growth)`` for weights of this ``norm``: growth is ``norm / reference`` (None without a
+        reference). A passing checkpoint then becomes the reference through :meth:`passed`."""
+        if self.reference is None or self.reference <= 0:
+            return True, None
+        growth = norm / self.reference
+        return (self.max_growth == 0 or growth <= self.max_growth), growth
+
+    def passed(self, norm: float) -> None:
+        """Record that a checkpoint with weights of this norm passed every check."""
+        self.reference = norm
+
+
 class PreemptionHandler:
     """SIGTERM (what SLURM and Kubernetes send before killing a job) sets a flag instead of killing the
     process; the trainer saves at its next safe point and stops. If the process is still alive ``grace_s``

@@ -39,7 +39,8 @@ from fipo_megatron.batch import TrainBatch
 from fipo_megatron.build import build_actor, build_run_parts
 from fipo_megatron.checkpoint.manager import CheckpointManager
 from fipo_megatron.config import FipoConfig, config_to_dict, save_config
-from fipo_megatron.guards import DivergenceError, PreemptionHandler, SkipGuard, first_non_finite_parameter, skip_reason
+from fipo_megatron.guards import (DivergenceError, PreemptionHandler, SkipGuard, WeightGrowthGuard,
+                                  first_non_finite_parameter, parameter_norm, skip_reason)
 from fipo_megatron.log import get_logger
 from fipo_megatron.metrics import MetricsLogger, PhaseTimer
 from fipo_megatron.parallel.topology import collective_device
@@ -81,6 +82,7 @@ class Trainer:
                                       rank=self.rank, barrier=dist.barrier, world_size=dist.get_world_size(),
                                       all_gather=_all_gather_objects)
         self.skips = SkipGuard(max_consecutive=cfg.trainer.max_consecutive_skipped_steps)
+        self.growth = WeightGrowthGuard(max_growth=cfg.trainer.max_weight_norm_growth)
         self.step = 0
         self._last_save_s: float | None = None
         self.token_records = TokenRecorder.from_config(cfg, run_dir=self.run_dir, tokenizer=self.parts.tokenizer,
@@ -92,6 +94,7 @@ class Trainer:
         at ``trainer.val_interval``, log every step, save at ``checkpoint.save_interval`` (every rank)."""
         cfg = self.cfg
         resumed = self._maybe_resume()
+        self.growth.start(parameter_norm(self.actor.model_chunks))  # every rank: a collective
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
                                      wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
                                      wandb_run_name=cfg.logging.wandb_run_name, config=config_to_dict(cfg),
@@ -215,14 +218,25 @@ class Trainer:
 
     def _checked_save(self, step: int, state: dict) -> str:
         """Save only finite weights (``DivergenceError`` otherwise: the good checkpoints stay); a checkpoint
-        saved inside a run of skipped steps is marked as not passing, so rotation keeps an older good one."""
+        saved inside a run of skipped steps, or whose weights grew past ``trainer.max_weight_norm_growth``,
+        is marked as not passing, so rotation keeps an older good one."""
         bad = first_non_finite_parameter(self.actor.model_chunks)
         if bad is not None:
             raise DivergenceError(f"step {step}: the weights are not finite ({bad}); not saving them. Resume from "
                                   "the last checkpoint with a lower actor.lr")
-        return self.ckpt.save(step=step, trainer_state=state, save_model=self.actor.save_checkpoint,
-                              passed=self.skips.streak == 0,
-                              checks={"weights_finite": True, "consecutive_skipped_steps": self.skips.streak})
+        norm = parameter_norm(self.actor.model_chunks)
+        norm_ok, growth = self.growth.check(norm)
+        if not norm_ok:
+            logger.warning("step %d: the weights' norm grew %.3g-fold since the last good checkpoint (limit "
+                           "trainer.max_weight_norm_growth=%g): saving it marked as not passing; rotation keeps the "
+                           "older good checkpoint", step, growth, self.cfg.trainer.max_weight_norm_growth)
+        passed = self.skips.streak == 0 and norm_ok
+        path = self.ckpt.save(step=step, trainer_state=state, save_model=self.actor.save_checkpoint, passed=passed,
+                              checks={"weights_finite": True, "consecutive_skipped_steps": self.skips.streak,
+                                      "weight_norm": norm, "weight_norm_growth": growth})
+        if passed:
+            self.growth.passed(norm)
+        return path
 
     def _resume_state(self) -> dict:
         """A checkpoint's trainer state: the prompt sampler's position and the engines' split histories

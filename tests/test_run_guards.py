@@ -195,3 +195,39 @@ def test_cli_parsing_and_early_errors(tmp_path, monkeypatch, caplog):
     with caplog.at_level("WARNING"), pytest.raises(AssertionError, match="process group started"):
         cli.main(["--config", CONFIG, run, "--resume"])  # resumes: the layout is fine, the config diff is logged
     assert "actor.lr: 0.5 -> 0.002" in caplog.text
+
+
+def _norm_worker(rank, world_size):
+    from fipo_megatron.guards import parameter_norm
+
+    torch.manual_seed(rank)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3, bias=False)).to(torch.bfloat16)
+    own = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+    return parameter_norm([model]), own
+
+
+@pytest.mark.distributed
+def test_parameter_norm_sums_every_rank_and_the_growth_guard_marks_blown_up_weights():
+    from fipo_megatron.guards import WeightGrowthGuard
+    from fipo_megatron.testing.distributed import run_distributed
+
+    results = run_distributed(_norm_worker, 2)
+    want = float(torch.linalg.vector_norm(torch.cat([own for _, own in results])))  # float64 over both ranks
+    for got, _ in results:
+        # each bf16 tensor's norm comes back in bf16 (3 significant digits): plenty for a 10x growth check,
+        # while one rank's norm alone would be off by about sqrt(2)
+        assert got == pytest.approx(want, rel=1e-2)
+
+    guard = WeightGrowthGuard(max_growth=10.0)
+    assert guard.check(5.0) == (True, None)  # no reference yet: nothing to compare with
+    guard.start(2.0)
+    assert guard.check(19.0) == (True, 9.5)
+    assert guard.check(1e30)[0] is False  # one update at lr=1e30
+    guard.passed(19.0)  # the reference moves only with passing checkpoints
+    assert guard.check(20.0) == (True, pytest.approx(20.0 / 19.0))
+    assert WeightGrowthGuard(max_growth=0).check(1e30) == (True, None)
+    off = WeightGrowthGuard(max_growth=0)
+    off.start(1.0)
+    assert off.check(1e30) == (True, 1e30)
+    with pytest.raises(ValueError, match="max_growth"):
+        WeightGrowthGuard(max_growth=-1)

@@ -85,9 +85,12 @@ def test_sigterm_corrupt_checkpoint_divergence_and_fresh_run(tmp_path):
     assert "step 3: 2 consecutive steps made no progress" in err and "optimizer steps skipped" in err
     assert _steps(run_dir) == [1, 2, 3] and not os.path.isdir(newest + ".corrupt")
     assert sorted(os.listdir(ckpts)) == ["latest", "step_00000001", "step_00000002"]  # nothing saved at step 3
-    passed = [json.load(open(os.path.join(ckpts, n, "integrity.json")))["passed"] for n in ("step_00000001",
-                                                                                          "step_00000002")]
-    assert passed == [True, False]  # step 2 was saved inside the streak: rotation would keep step 1
+    records = [json.load(open(os.path.join(ckpts, n, "integrity.json"))) for n in ("step_00000001", "step_00000002")]
+    # Step 1's weights are finite but near 1e30 after the one update: their norm grew far past
+    # trainer.max_weight_norm_growth, so step 1 fails too (step 2 also lies inside the streak of skips).
+    assert [r["passed"] for r in records] == [False, False]
+    assert records[0]["checks"]["weight_norm_growth"] > 1e20 and records[0]["checks"]["consecutive_skipped_steps"] == 0
+    assert "step 1: the weights' norm grew" in err and "marked as not passing" in err
 
 
 def _nan_weights_worker(rank, world_size, run_dir):
