@@ -1,7 +1,7 @@
 """The Megatron actor's training step against a plain PyTorch loop on the same transformers model, and the
 embedded rollout engine against transformers' ``generate``.
 
-    OMP_NUM_THREADS=1 python tools/benchmarks/bench_actor_vs_plain.py                 # everything (~1 h on 1 core)
+    OMP_NUM_THREADS=1 python tools/benchmarks/bench_actor_vs_plain.py                 # everything (~1.5 h on 1 core)
     OMP_NUM_THREADS=1 python tools/benchmarks/bench_actor_vs_plain.py --lengths 1024 --repeats 1 --skip-memory
     OMP_NUM_THREADS=1 python tools/benchmarks/bench_actor_vs_plain.py --only engine
     python tools/benchmarks/bench_actor_vs_plain.py --device cuda --dtype bfloat16 --out figures.txt
