@@ -111,20 +111,26 @@ def first_non_finite_parameter(model_chunks: Iterable[torch.nn.Module], *, group
     return bad
 
 
+_NORM_CHUNK = 1 << 24  # elements per float64 slice: at most 128 MiB of temporary per slice
+
+
 def parameter_norm(model_chunks: Iterable[torch.nn.Module], *, group=None) -> float:
     """L2 norm of the parameters every rank of ``group`` (the world by default) holds, the same on every rank.
 
     A parameter held by several ranks (data-parallel replicas, TP-duplicated norms) counts once per holder.
     That weighting is fixed for a run's layout, so the ratio of two calls measures how much the weights
-    grew; it is not the model's own norm. Each tensor's norm is taken in its dtype (accumulated in fp32 by
-    torch's reductions, returned in the dtype: three significant digits for bf16, ample for a growth
-    check), so no parameter-sized copy is made; the squares add up in float64.
-    Collective over ``group`` when torch.distributed is initialised.
+    grew; it is not the model's own norm. The squares are summed in float64, slice by slice: a float32 norm
+    overflows for weights near 1e20 and above (exactly the blown-up weights this is for), and a float64
+    copy of a whole embedding shard would be a large temporary on the GPU. Collective over ``group`` when
+    torch.distributed is initialised.
     """
     total = 0.0
     for chunk in model_chunks:
         for param in chunk.parameters():
-            total += float(torch.linalg.vector_norm(param.detach()).float()) ** 2
+            flat = param.detach().reshape(-1)
+            for start in range(0, flat.numel(), _NORM_CHUNK):
+                piece = flat[start:start + _NORM_CHUNK]
+                total += float(torch.linalg.vector_norm(piece, dtype=torch.float64)) ** 2
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         from fipo_megatron.parallel.topology import collective_device
 
