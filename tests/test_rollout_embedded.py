@@ -152,3 +152,28 @@ def test_lm_head_runs_on_last_position_only():
     engine = EmbeddedEngine(model=model, eos_token_ids=[])
     engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=3))
     assert seen == [(len(PROMPTS), 1)] * 3
+
+
+def test_samples_of_a_prompt_share_one_prefill():
+    """The n samples of a prompt (and a prompt repeated in the request) prefill once: the first forward of a
+    decode batch holds each distinct prompt once, the later ones every row. The copied rows still sample
+    independently, their log-probs match a full forward, and a group split across decode batches works."""
+    model = tiny_hf_model("llama", seed=2)
+    shapes = []
+    model.model.embed_tokens.register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
+    prompts = PROMPTS + [PROMPTS[0]]  # prompt 4 repeats prompt 0: one prefill row serves both
+    engine = EmbeddedEngine(model=model, eos_token_ids=[], max_batch_size=6)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=5, n=3, seed=4)
+    outs = engine.generate(prompts, sampling)
+    assert [o.prompt_index for o in outs] == [i for i in range(5) for _ in range(3)]
+    # 15 rows in decode batches of 6, 6, 3: rows 0-5 are prompts 0, 0, 0, 1, 1, 1 ... rows 12-14 prompt 4.
+    longest = max(len(p) for p in PROMPTS)
+    prefills = [s for s in shapes if s[1] > 1]
+    assert prefills == [(2, 5), (2, longest), (1, 5)], shapes
+    assert shapes.count((6, 1)) == 2 * 4 and shapes.count((3, 1)) == 4, shapes
+    for out in outs:
+        ref = _full_forward_logp(model, prompts[out.prompt_index], out.token_ids, 1.0)
+        torch.testing.assert_close(torch.tensor(out.log_probs, dtype=torch.float64), ref, atol=1e-5, rtol=0)
+    for i in range(5):
+        group = [tuple(o.token_ids) for o in outs if o.prompt_index == i]
+        assert len(set(group)) > 1, f"prompt {i}: its samples are copies of one another {group}"

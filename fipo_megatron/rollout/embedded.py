@@ -127,28 +127,43 @@ class EmbeddedEngine(RolloutEngine):
 
     def _generate_batch(self, requests, sampling: SamplingParams, generator) -> list[RolloutOutput]:
         num_seqs = len(requests)
-        max_len = max(len(p) for _, p in requests)
+        # The n samples of a prompt share its prefill: each distinct prompt runs through the model once and
+        # its KV cache and last logits are copied to its rows (as SGLang's and vLLM's prefix caches do).
+        distinct: dict[tuple[int, ...], int] = {}
+        row_source = [distinct.setdefault(tuple(p), len(distinct)) for _, p in requests]
+        prompts = list(distinct)
+        max_len = max(len(p) for p in prompts)
         # Left padding: the next token of every row is predicted at the same column.
-        input_ids_BL = torch.full((num_seqs, max_len), self.pad_token_id, dtype=torch.long)
-        mask_BL = torch.zeros((num_seqs, max_len), dtype=torch.long)
-        for b, (_, prompt) in enumerate(requests):
-            input_ids_BL[b, max_len - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask_BL[b, max_len - len(prompt):] = 1
-        input_ids_BL, mask_BL = input_ids_BL.to(self.device), mask_BL.to(self.device)
-        position_ids_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
+        input_ids_UL = torch.full((len(prompts), max_len), self.pad_token_id, dtype=torch.long)
+        mask_UL = torch.zeros((len(prompts), max_len), dtype=torch.long)
+        for u, prompt in enumerate(prompts):
+            input_ids_UL[u, max_len - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask_UL[u, max_len - len(prompt):] = 1
+        input_ids_UL, mask_UL = input_ids_UL.to(self.device), mask_UL.to(self.device)
+        position_ids_UL = (mask_UL.cumsum(-1) - 1).clamp(min=0)
         stop_ids = torch.tensor(sorted(set(self.eos_token_ids) | set(sampling.stop_token_ids)),
                                 dtype=torch.long, device=self.device)
 
         cache = _new_cache(self.model.config)
+        out = self.model(input_ids=input_ids_UL, attention_mask=mask_UL, position_ids=position_ids_UL,
+                         past_key_values=cache, use_cache=True, **self._last_logits_only)
+        cache, logits_BV = out.past_key_values, out.logits[:, -1, :].float()
+        mask_BL, step_pos = mask_UL, position_ids_UL[:, -1:]
+        if len(prompts) < num_seqs:
+            rows_B = torch.tensor(row_source, dtype=torch.long, device=self.device)
+            # Cache.reorder_cache (beam search's reordering) index_selects every layer's state along the
+            # batch, so a repeated index copies a row: read in transformers' cache_utils.py at 4.45.0 and 5.24.0.
+            cache.reorder_cache(rows_B)
+            logits_BV, mask_BL, step_pos = logits_BV[rows_B], mask_BL[rows_B], step_pos[rows_B]
+        del out
         tokens: list[list[int]] = [[] for _ in range(num_seqs)]
         logps: list[list[float]] = [[] for _ in range(num_seqs)]
         finished_B = torch.zeros(num_seqs, dtype=torch.bool, device=self.device)
-        step_ids, step_pos = input_ids_BL, position_ids_BL
-        for _ in range(sampling.max_new_tokens):
-            out = self.model(input_ids=step_ids, attention_mask=mask_BL, position_ids=step_pos,
-                             past_key_values=cache, use_cache=True, **self._last_logits_only)
-            cache = out.past_key_values
-            logits_BV = out.logits[:, -1, :].float()
+        for step in range(sampling.max_new_tokens):
+            if step > 0:
+                out = self.model(input_ids=step_ids, attention_mask=mask_BL, position_ids=step_pos,
+                                 past_key_values=cache, use_cache=True, **self._last_logits_only)
+                cache, logits_BV = out.past_key_values, out.logits[:, -1, :].float()
             next_B, logp_B = sample_next_token(logits_BV, sampling=sampling, generator=generator)
             next_l, logp_l, done_l = next_B.tolist(), logp_B.tolist(), finished_B.tolist()
             for b in range(num_seqs):
@@ -160,7 +175,7 @@ class EmbeddedEngine(RolloutEngine):
                 break
             # Finished rows keep decoding a pad token (cheaper than reshaping the cache); their output is ignored.
             step_ids = torch.where(finished_B, self.pad_token_id, next_B).unsqueeze(-1)
-            step_pos = step_pos[:, -1:] + 1
+            step_pos = step_pos + 1
             mask_BL = torch.cat([mask_BL, torch.ones_like(mask_BL[:, :1])], dim=-1)
 
         stop_set = set(stop_ids.tolist())
