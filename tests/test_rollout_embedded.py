@@ -177,3 +177,19 @@ def test_samples_of_a_prompt_share_one_prefill():
     for i in range(5):
         group = [tuple(o.token_ids) for o in outs if o.prompt_index == i]
         assert len(set(group)) > 1, f"prompt {i}: its samples are copies of one another {group}"
+
+
+def test_cache_goes_by_the_keyword_the_model_names():
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` and removes the old name in 5.40: the
+    engine passes whichever keyword this model's forward declares, never the other."""
+    import inspect
+
+    model = tiny_hf_model("qwen2", seed=0)
+    declared = set(inspect.signature(model.forward).parameters)
+    seen = []
+    model.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    EmbeddedEngine(model=model, eos_token_ids=[]).generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_new_tokens=3))
+    assert len(seen) == 3
+    expected = "cache" if "cache" in declared else "past_key_values"
+    for keys in seen:
+        assert expected in keys and not ({"cache", "past_key_values"} - {expected}) & keys, keys

@@ -40,16 +40,26 @@ def _as_ids(value) -> list[int]:
     return [int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
-def _logits_to_keep_kwarg(model) -> str | None:
-    """The forward keyword that limits the LM head to the last positions: ``logits_to_keep`` (transformers
-    >= 4.50), ``num_logits_to_keep`` (4.45-4.49), or None for a model that takes neither."""
+def _forward_params(model) -> set[str]:
     import inspect
 
     try:
-        params = inspect.signature(model.forward).parameters
+        return set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
-        return None
+        return set()
+
+
+def _logits_to_keep_kwarg(model) -> str | None:
+    """The forward keyword that limits the LM head to the last positions: ``logits_to_keep`` (transformers
+    >= 4.50), ``num_logits_to_keep`` (4.45-4.49), or None for a model that takes neither."""
+    params = _forward_params(model)
     return next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in params), None)
+
+
+def _cache_kwarg(model) -> str:
+    """The forward keyword of the KV cache: ``cache`` in transformers releases that renamed it (5.24 warns
+    on ``past_key_values`` and announces its removal in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
 
 
 def _new_cache(config):
@@ -102,6 +112,7 @@ class EmbeddedEngine(RolloutEngine):
         # every prompt position ([B, L, V]: ~80 GB in fp32 for 64 prompts of 2k tokens at a 152k vocabulary).
         keep = _logits_to_keep_kwarg(self.model)
         self._last_logits_only: dict = {keep: 1} if keep else {}
+        self._cache_kwarg = _cache_kwarg(self.model)
         self._received: set[int] = set()
         self._released = False
 
@@ -144,10 +155,12 @@ class EmbeddedEngine(RolloutEngine):
         stop_ids = torch.tensor(sorted(set(self.eos_token_ids) | set(sampling.stop_token_ids)),
                                 dtype=torch.long, device=self.device)
 
+        # The model fills the cache object in place (every supported transformers release, given a Cache):
+        # it is never read back from the output, whose attribute was renamed with the keyword.
         cache = _new_cache(self.model.config)
-        out = self.model(input_ids=input_ids_UL, attention_mask=mask_UL, position_ids=position_ids_UL,
-                         past_key_values=cache, use_cache=True, **self._last_logits_only)
-        cache, logits_BV = out.past_key_values, out.logits[:, -1, :].float()
+        kwargs = {self._cache_kwarg: cache, "use_cache": True, **self._last_logits_only}
+        out = self.model(input_ids=input_ids_UL, attention_mask=mask_UL, position_ids=position_ids_UL, **kwargs)
+        logits_BV = out.logits[:, -1, :].float()
         mask_BL, step_pos = mask_UL, position_ids_UL[:, -1:]
         if len(prompts) < num_seqs:
             rows_B = torch.tensor(row_source, dtype=torch.long, device=self.device)
@@ -161,9 +174,8 @@ class EmbeddedEngine(RolloutEngine):
         finished_B = torch.zeros(num_seqs, dtype=torch.bool, device=self.device)
         for step in range(sampling.max_new_tokens):
             if step > 0:
-                out = self.model(input_ids=step_ids, attention_mask=mask_BL, position_ids=step_pos,
-                                 past_key_values=cache, use_cache=True, **self._last_logits_only)
-                cache, logits_BV = out.past_key_values, out.logits[:, -1, :].float()
+                out = self.model(input_ids=step_ids, attention_mask=mask_BL, position_ids=step_pos, **kwargs)
+                logits_BV = out.logits[:, -1, :].float()
             next_B, logp_B = sample_next_token(logits_BV, sampling=sampling, generator=generator)
             next_l, logp_l, done_l = next_B.tolist(), logp_B.tolist(), finished_B.tolist()
             for b in range(num_seqs):

@@ -33,8 +33,10 @@ median are printed, the ratio is of the minima (the machine is shared, the minim
 Peak memory: each arm also runs one step alone in a fresh subprocess, which reports its peak RSS (VmHWM from
 /proc/self/status; on CUDA ``torch.cuda.max_memory_allocated``), so the arms' peaks do not mix.
 
-Engine: ``EmbeddedEngine.generate`` vs ``model.generate`` (greedy, ``--gen-tokens`` new tokens, 4 prompts)
-at 64- and 512-token prompts, same model, alternating, min of repeats.
+Engine: ``EmbeddedEngine.generate`` vs ``model.generate`` (``--gen-tokens`` new tokens, 4 prompts) at 64-
+and 512-token prompts, same model, alternating, min of repeats: greedy with one response per prompt, and
+sampled at temperature 1 with ``--gen-n`` responses per prompt (a GRPO group; ``num_return_sequences`` in
+``generate``, which expands the prompts before its prefill).
 """
 
 from __future__ import annotations
@@ -302,14 +304,18 @@ def bench_engine(args, emit) -> None:
     device = torch.device(args.device)
     model = _hf_model(args.max_len, getattr(torch, args.dtype)).to(device).eval()
     engine = EmbeddedEngine(model=model, eos_token_ids=[], device=device)
-    emit(f"# engine: EmbeddedEngine.generate vs model.generate, greedy, {args.gen_tokens} new tokens, "
-         f"4 prompts, min of {args.repeats} after a warm-up")
-    emit("| prompt tokens | engine s | generate s | engine/generate |")
-    emit("|---|---|---|---|")
+    emit(f"# engine: EmbeddedEngine.generate vs model.generate, {args.gen_tokens} new tokens, 4 prompts, "
+         f"min of {args.repeats} after a warm-up")
+    emit("| prompt tokens | samples per prompt | engine s | generate s | engine/generate |")
+    emit("|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
-    for prompt_len in (64, 512):
+    for prompt_len, n in ((64, 1), (512, 1), (64, args.gen_n), (512, args.gen_n)):
         prompts = torch.randint(0, SHAPE["vocab_size"], (4, prompt_len), generator=g)
-        sampling = SamplingParams(temperature=0.0, max_new_tokens=args.gen_tokens)
+        greedy = n == 1
+        # n > 1: plain sampling at temperature 1 in both (generate's default top_k=50 switched off).
+        sampling = SamplingParams(temperature=0.0 if greedy else 1.0, max_new_tokens=args.gen_tokens, n=n, seed=0)
+        extra = {"do_sample": False} if greedy else {"do_sample": True, "temperature": 1.0, "top_k": 0,
+                                                      "top_p": 1.0, "num_return_sequences": n}
 
         def run_engine():
             return engine.generate(prompts.tolist(), sampling)
@@ -317,9 +323,8 @@ def bench_engine(args, emit) -> None:
         def run_generate():
             with torch.no_grad():
                 ids = prompts.to(device)
-                return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                      max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens,
-                                      eos_token_id=None, pad_token_id=0)
+                return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.gen_tokens,
+                                      min_new_tokens=args.gen_tokens, eos_token_id=None, pad_token_id=0, **extra)
 
         times = {"engine": [], "generate": []}
         for i in range(args.repeats + 1):
@@ -334,9 +339,13 @@ def bench_engine(args, emit) -> None:
                     ours = [o.token_ids for o in out]
                 else:
                     theirs = out[:, prompt_len:].tolist()
-        same = sum(a == b for a, b in zip(ours, theirs))
         e, h = min(times["engine"]), min(times["generate"])
-        emit(f"| {prompt_len} | {e:.3f} | {h:.3f} | {e / h:.3f} |  (greedy tokens identical for {same}/4 prompts)")
+        if greedy:
+            note = f"greedy tokens identical for {sum(a == b for a, b in zip(ours, theirs))}/4 prompts"
+        else:
+            note = (f"sampled; both return {len(ours)} x {len(ours[0])} and {len(theirs)} x {len(theirs[0])} tokens; "
+                    f"distinct samples: engine {len(set(map(tuple, ours)))}, generate {len(set(map(tuple, theirs)))}")
+        emit(f"| {prompt_len} | {n} | {e:.3f} | {h:.3f} | {e / h:.3f} |  ({note})")
 
 
 def main() -> None:
@@ -348,6 +357,7 @@ def main() -> None:
                         help="tokens per micro-batch, both arms (equal: the step is one micro-batch of tokens / L sequences)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--gen-tokens", type=int, default=32)
+    parser.add_argument("--gen-n", type=int, default=8, help="samples per prompt in the engine's sampled rows")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1)
