@@ -294,3 +294,21 @@ def test_input_validation():
         fn(log_prob=x, old_log_prob=x[:5], advantages=x, response_mask=x, config=cfg, cu_seqlens=torch.tensor([0, 6]))
     with pytest.raises(ValueError, match="cu_seqlens"):
         fn(log_prob=x, old_log_prob=x, advantages=x, response_mask=x, config=cfg, cu_seqlens=torch.tensor([0, 5]))
+
+
+def test_clip_rates_count_the_released_codes_slack():
+    """IW clip rates count a weight within 1e-7 of a bound, as the released code does: in fp32 the clamped
+    value and the value one ulp inside the band count, two ulps inside do not."""
+    from fipo_megatron.algo.loss_metrics import influence_metrics
+
+    def inward(x, towards, steps):
+        t = torch.tensor([x], dtype=torch.float32)
+        for _ in range(steps):
+            t = torch.nextafter(t, torch.tensor([towards], dtype=torch.float32))
+        return t
+
+    weights = torch.cat([inward(1.2, 0.0, k) for k in range(3)] + [inward(0.8, 2.0, k) for k in range(3)]
+                        + [torch.ones(2)])
+    out = influence_metrics(weights=weights, raw=weights, mask=torch.ones_like(weights, dtype=torch.bool), lower=0.8, upper=1.2)
+    assert out["IW_upper_clip_ratio"].item() == pytest.approx(2 / 8)
+    assert out["IW_lower_clip_ratio"].item() == pytest.approx(2 / 8)

@@ -82,7 +82,13 @@ def ratio_metrics(*, ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.
 @torch.no_grad()
 def influence_metrics(*, weights: torch.Tensor, raw: torch.Tensor, mask: torch.Tensor,
                       lower: float, upper: float) -> dict[str, torch.Tensor]:
-    """Influence-weight statistics over response tokens; clip rates count weights at a bound (1e-7 slack)."""
+    """Influence-weight statistics over response tokens; clip rates count weights at a bound.
+
+    "At a bound" is within 1e-7 of it, exactly as the released code counts (``compute_policy_loss_future_kl``;
+    docs/algorithm.md §7), so the rates compare with its runs. The slack is not needed for the clamped
+    weights themselves (torch compares an fp32 tensor with a Python float in fp32, where the clamp's value
+    equals the bound); its one effect is to also count a weight one fp32 ulp inside the band (1.19999993
+    against the bound 1.2), which the clamp did not touch."""
     upper_rate = masked_rate(weights >= upper - 1e-7, mask)
     lower_rate = masked_rate(weights <= lower + 1e-7, mask)
     w_min, w_max = _masked_min_max(weights, mask)
