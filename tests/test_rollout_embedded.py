@@ -177,6 +177,10 @@ def test_samples_of_a_prompt_share_one_prefill():
     for i in range(5):
         group = [tuple(o.token_ids) for o in outs if o.prompt_index == i]
         assert len(set(group)) > 1, f"prompt {i}: its samples are copies of one another {group}"
+    # n = 4 with room for 6: decode batches of one whole group each, so every prompt is prefilled once.
+    shapes.clear()
+    outs = engine.generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=2, n=4, seed=4))
+    assert shapes == [shape for p in PROMPTS for shape in ((1, len(p)), (4, 1))] and len(outs) == 16, shapes
 
 
 def test_cache_goes_by_the_keyword_the_model_names():

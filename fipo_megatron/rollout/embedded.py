@@ -119,8 +119,9 @@ class EmbeddedEngine(RolloutEngine):
     # ---------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[RolloutOutput]:
-        """Decode ``max_batch_size`` sequences at a time; one generator seeded with ``sampling.seed`` serves
-        the whole call. RuntimeError between ``release_memory`` and ``resume_memory``."""
+        """Decode at most ``max_batch_size`` sequences at a time, whole groups of ``n`` where ``n`` fits (the
+        samples of a prompt share its prefill); one generator seeded with ``sampling.seed`` serves the whole
+        call. RuntimeError between ``release_memory`` and ``resume_memory``."""
         if any(len(p) == 0 for p in prompt_token_ids):
             raise ValueError("EmbeddedEngine.generate: every prompt needs at least one token")
         if self._released:
@@ -131,8 +132,11 @@ class EmbeddedEngine(RolloutEngine):
             generator = torch.Generator(device=self.device)
             generator.manual_seed(sampling.seed)
         outputs: list[RolloutOutput] = []
-        for start in range(0, len(requests), self.max_batch_size):
-            chunk = requests[start:start + self.max_batch_size]
+        # Whole groups per decode batch where n fits, so no prompt is prefilled in two batches.
+        width = self.max_batch_size - self.max_batch_size % sampling.n if sampling.n <= self.max_batch_size \
+            else self.max_batch_size
+        for start in range(0, len(requests), width):
+            chunk = requests[start:start + width]
             outputs.extend(self._generate_batch(chunk, sampling, generator))
         return outputs
 
