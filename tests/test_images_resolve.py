@@ -22,10 +22,17 @@ FIXTURE = os.path.join(REPO, "tests", "fixtures", "ngc_sglang_pre_split.Dockerfi
 TRAINER = os.path.join(REPO, "Dockerfile")
 COLOCATED = os.path.join(REPO, "docker", "colocated.Dockerfile")
 
-_spec = importlib.util.spec_from_file_location("check_image_deps", os.path.join(REPO, "tools", "check_image_deps.py"))
-cid = importlib.util.module_from_spec(_spec)
-sys.modules["check_image_deps"] = cid  # dataclasses resolve their module by name
-_spec.loader.exec_module(cid)
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module by name; check_image_deps imports image_pip_env
+    spec.loader.exec_module(module)
+    return module
+
+
+pipenv = _load_tool("image_pip_env")
+cid = _load_tool("check_image_deps")
 
 
 # ------------------------------------------------------------------ parsing (no network)
@@ -56,7 +63,7 @@ def test_instructions_join_continuations_and_skip_comments():
 def test_manifests_are_complete_and_name_their_sources():
     for path in sorted(os.listdir(os.path.join(REPO, "docker", "base_images"))):
         full = os.path.join(REPO, "docker", "base_images", path)
-        manifest = cid.load_manifest(full)
+        manifest = pipenv.load_manifest(full)
         assert "torch" in manifest.packages, path
         with open(full) as f:
             head = f.read().split("image =")[0]
