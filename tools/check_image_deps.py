@@ -60,6 +60,8 @@ DEFAULT_MANIFESTS = os.path.join(REPO, "docker", "base_images")
 # ---------------------------------------------------------------------------------------------- Dockerfile
 @dataclasses.dataclass
 class Instruction:
+    """One Dockerfile instruction: its first line number, upper-cased op and argument text."""
+
     line: int
     op: str
     arg: str
@@ -174,6 +176,8 @@ def pip_argv(argv: list[str]) -> tuple[dict[str, str], list[str]] | None:
 # ---------------------------------------------------------------------------------------------- the check
 @dataclasses.dataclass
 class StepResult:
+    """What the check found for one pip step of a Dockerfile."""
+
     line: int
     command: str
     ok: bool
@@ -199,10 +203,12 @@ class DockerfileCheck:
         self.project_dirs: dict[str, str] = {}  # container dir -> context dir holding a pyproject.toml
 
     def log(self, msg: str) -> None:
+        """Print ``msg`` when verbose."""
         if self.verbose:
             print(msg, flush=True)
 
     def run(self) -> list[StepResult]:
+        """Check every pip step in order; a failing step ends the walk."""
         with open(self.dockerfile) as f:
             instructions = read_instructions(f.read())
         args: dict[str, str] = {}
@@ -451,11 +457,13 @@ def check_dockerfile(dockerfile: str, *, build_args: dict[str, str] | None = Non
 
 
 def default_dockerfiles() -> list[str]:
+    """The repository's Dockerfile and docker/*.Dockerfile."""
     found = [os.path.join(REPO, "Dockerfile")] if os.path.exists(os.path.join(REPO, "Dockerfile")) else []
     return found + sorted(glob.glob(os.path.join(REPO, "docker", "*.Dockerfile")))
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; exit status 1 when any Dockerfile fails."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dockerfiles", nargs="*", help="default: Dockerfile and docker/*.Dockerfile")

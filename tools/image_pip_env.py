@@ -43,6 +43,7 @@ class BaseImage:
 
 
 def load_manifest(path: str) -> BaseImage:
+    """The manifest at ``path``, checked: required keys, a minor Python version, [requires] naming listed packages."""
     import tomllib
 
     with open(path, "rb") as f:
@@ -63,6 +64,7 @@ def load_manifest(path: str) -> BaseImage:
 
 
 def find_manifest(image: str, manifest_dir: str) -> BaseImage:
+    """The manifest in ``manifest_dir`` whose ``image`` is ``image``; a CheckError naming the known images otherwise."""
     found = []
     for path in sorted(glob.glob(os.path.join(manifest_dir, "*.toml"))):
         manifest = load_manifest(path)
@@ -102,6 +104,7 @@ def _dist_dir_name(name: str, version: str) -> str:
 
 
 def canonical(name: str) -> str:
+    """A distribution name normalised as pip compares them (PEP 503)."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
@@ -119,6 +122,7 @@ class FakeEnv:
 
     def add(self, name: str, version: str, *, requires: list[str] = (), provides_extra: list[str] = (),
             requires_python: str | None = None) -> None:
+        """Install ``name==version`` as metadata only, replacing any other version of it."""
         self.remove(name)
         path = os.path.join(self.site, _dist_dir_name(name, version))
         os.makedirs(path)
@@ -135,11 +139,13 @@ class FakeEnv:
         self.dists[canonical(name)] = (name, version)
 
     def remove(self, name: str) -> None:
+        """Uninstall ``name`` if present."""
         old = self.dists.pop(canonical(name), None)
         if old is not None:
             shutil.rmtree(os.path.join(self.site, _dist_dir_name(*old)))
 
     def freeze(self) -> list[str]:
+        """``name==version`` of every installed package, sorted by canonical name (as ``pip freeze``)."""
         return [f"{name}=={version}" for name, version in sorted(self.dists.values(), key=lambda nv: canonical(nv[0]))]
 
 
@@ -159,6 +165,7 @@ def pip_env() -> dict[str, str]:
 
 
 def run_pip(fake: FakeEnv, args: list[str]) -> subprocess.CompletedProcess:
+    """This interpreter's pip run on ``fake``'s environment (``pip --python``), output captured."""
     cmd = [sys.executable, "-m", "pip", "--python", fake.python, *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=pip_env(), timeout=PIP_TIMEOUT_S)
 
