@@ -154,9 +154,6 @@ def split_commands(run: str) -> list[list[list[str]]]:
     return [[argv for argv in cmd if argv] for cmd in commands if any(cmd)]
 
 
-_PIP = re.compile(r"^(pip3?|python3?(\.\d+)?\s+-m\s+pip)$")
-
-
 def pip_argv(argv: list[str]) -> tuple[dict[str, str], list[str]] | None:
     """``[VAR=v ...] pip|pip3|python[3] -m pip ARGS`` -> (env prefix, ARGS), else None."""
     env: dict[str, str] = {}
