@@ -32,21 +32,45 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # run from a checkout
 
 
-def _worker(rank, world_size, overrides, bucket_bytes, repeats, device):
-    import torch
+def model_overrides(*, shape: str, quick: bool = False) -> dict:
+    """``tiny_hf_config("qwen2", **overrides)`` arguments for a Qwen2.5 shape ("0.5b", "7b"), or a 4-layer
+    hidden-512 model with ``quick``."""
+    if quick:
+        return dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                    num_key_value_heads=2, vocab_size=32000)
+    if shape == "7b":  # Qwen2.5-7B's shape (7.6B params, 15.2 GB in bf16): for a GPU
+        return dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                    num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                    tie_word_embeddings=False)
+    if shape == "0.5b":  # Qwen2.5-0.5B's shape
+        return dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                    num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768)
+    raise ValueError(f"shape must be '0.5b' or '7b', got {shape!r}")
 
+
+def build_sharded_model(overrides: dict, *, world_size: int, device: str, params_dtype):
+    """Inside a ``run_distributed`` rank: a randomly initialised Qwen2 GPTModel, TP-sharded over all
+    ``world_size`` ranks. Returns (hf_config, groups, model)."""
     from fipo_megatron.models import build_gpt_model
     from fipo_megatron.parallel import ParallelConfig, initialize_parallel
     from fipo_megatron.testing.tiny_models import tiny_hf_config
-    from fipo_megatron.weights.export import export_hf_buckets
 
     hf = tiny_hf_config("qwen2", **overrides)
-    parallel = ParallelConfig(tp=world_size)
-    groups = initialize_parallel(parallel, hf_config=hf)
-    model = build_gpt_model(hf, groups=groups, params_dtype=torch.bfloat16).eval()
+    groups = initialize_parallel(ParallelConfig(tp=world_size), hf_config=hf)
+    model = build_gpt_model(hf, groups=groups, params_dtype=params_dtype).eval()
     model_device = next(model.parameters()).device
     if model_device.type != device:
         raise RuntimeError(f"the model was built on {model_device}, not on the requested {device}")
+    return hf, groups, model
+
+
+def _worker(rank, world_size, overrides, bucket_bytes, repeats, device):
+    import torch
+
+    from fipo_megatron.weights.export import export_hf_buckets
+
+    hf, groups, model = build_sharded_model(overrides, world_size=world_size, device=device,
+                                            params_dtype=torch.bfloat16)
     cuda = device == "cuda"
 
     def sync(barrier=True):
@@ -119,16 +143,7 @@ def main() -> None:
                 parser.error(f"--device cuda --tp {args.tp} needs {args.tp} GPUs (NCCL refuses two ranks on one "
                              f"device); {torch.cuda.device_count()} visible. On one GPU use --tp 1.")
             backend = "nccl"
-    if args.quick:
-        overrides = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=2, vocab_size=32000)
-    elif args.shape == "7b":  # Qwen2.5-7B's shape (7.6B params, 15.2 GB in bf16): for a GPU
-        overrides = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
-                         tie_word_embeddings=False)
-    else:  # Qwen2.5-0.5B's shape
-        overrides = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768)
+    overrides = model_overrides(shape=args.shape, quick=args.quick)
     from fipo_megatron.testing.distributed import run_distributed
 
     results = run_distributed(_worker, args.tp, args=(overrides, int(args.bucket_mb * (1 << 20)), args.repeats,
