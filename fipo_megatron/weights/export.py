@@ -148,16 +148,21 @@ def _start_bucket(bucket: list[_Entry], *, groups) -> _InFlight:
     return state
 
 
-def _finish_bucket(state: _InFlight) -> list[tuple[str, torch.Tensor]]:
-    """Wait for the bucket's all-gather; full Megatron tensors (on every TP rank of the replica)."""
+def _finish_bucket(state: _InFlight, *, rebuild: bool = True) -> list[tuple[str, torch.Tensor]] | None:
+    """Wait for the bucket's all-gather; with ``rebuild``, the full Megatron tensors (None without).
+    The send and receive buffers are released on return: the rebuilt tensors are copies."""
     gathered: dict[str, torch.Tensor] = {}
     if state.sharded:
         if state.work is not None:
             state.work.wait()
-        specs = [(tuple(e.param.shape), e.param.dtype) for e in state.sharded]
-        per_rank_tensors = [unpack_bytes(buf, specs) for buf in state.per_rank]
-        for i, e in enumerate(state.sharded):
-            gathered[e.name] = gather_tp_shards(e.name, [tensors[i] for tensors in per_rank_tensors])
+        per_rank, state.per_rank, state.packed, state.work = state.per_rank, None, None, None
+        if rebuild:
+            specs = [(tuple(e.param.shape), e.param.dtype) for e in state.sharded]
+            per_rank_tensors = [unpack_bytes(buf, specs) for buf in per_rank]
+            for i, e in enumerate(state.sharded):
+                gathered[e.name] = gather_tp_shards(e.name, [tensors[i] for tensors in per_rank_tensors])
+    if not rebuild:
+        return None
     return [(e.name, gathered.get(e.name, e.param.detach())) for e in state.bucket]
 
 
@@ -220,8 +225,13 @@ def _stage_hf_buckets(buckets: list[list[_Entry]], *, groups, mapping, dtype, de
     for k in range(len(buckets)):
         current = pending
         pending = _start_bucket(buckets[k + 1], groups=groups) if k + 1 < len(buckets) else None
-        full = _finish_bucket(current)
-        yield _to_hf(full, mapping=mapping, dtype=dtype, device=device) if groups.tp_rank == 0 else None
+        if groups.tp_rank == 0:
+            # No name holds the full tensors: those the HF split copies (q/k/v, a dtype cast) are freed here.
+            hf = _to_hf(_finish_bucket(current), mapping=mapping, dtype=dtype, device=device)
+        else:
+            hf = _finish_bucket(current, rebuild=False)  # None: only tp_rank 0 hands buckets on
+        yield hf
+        del hf  # freed (once the consumer lets go) before bucket k+1 is rebuilt
 
 
 def export_hf_buckets(model_chunks, *, groups, hf_config=None, mapping=None, bucket_bytes: int = 512 << 20,
@@ -260,6 +270,7 @@ def export_hf_buckets(model_chunks, *, groups, hf_config=None, mapping=None, buc
         for bucket in _stage_hf_buckets(buckets, groups=groups, mapping=mapping, dtype=dtype, device=device):
             if bucket is not None:
                 yield bucket
+            del bucket  # a loop variable would keep it alive while the next bucket is built
 
     if destination == "stage" or groups.pp_size == 1:
         if destination == "stage" or groups.pp_rank == 0:
@@ -280,6 +291,7 @@ def export_hf_buckets(model_chunks, *, groups, hf_config=None, mapping=None, buc
             dist.send(torch.tensor([len(buckets)], dtype=torch.long, device=comm_device), dst=pp_ranks[0])
         for bucket in local_hf_buckets():
             _send_bucket([(n, t.to(comm_device)) for n, t in bucket], pp_ranks[0])
+            del bucket
 
 
 def hf_names_and_shapes(model_chunks, *, groups, hf_config=None, mapping=None) -> list[tuple[str, tuple[int, ...]]]:

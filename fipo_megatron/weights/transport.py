@@ -215,6 +215,7 @@ def sync_weights(model_chunks, *, groups, transport: WeightTransport | None, hf_
                 num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
             except Exception as e:  # noqa: BLE001 - reported on every rank below
                 error = e
+            del bucket  # freed before the export builds the next one
     except ValueError as e:
         if route is None:
             raise
