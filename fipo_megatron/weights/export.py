@@ -220,16 +220,17 @@ def _stage_hf_buckets(buckets: list[list[_Entry]], *, groups, mapping, dtype, de
     """One step per bucket on every TP rank of an exporting replica: the HF bucket on tp_rank 0, None on
     the others (their step is their part of the bucket's all-gather), so callers can interleave other
     collectives with the export in the same order on every rank."""
-    # Double buffering: bucket k+1's all-gather runs while bucket k is rebuilt and consumed.
     pending = _start_bucket(buckets[0], groups=groups) if buckets else None
     for k in range(len(buckets)):
-        current = pending
-        pending = _start_bucket(buckets[k + 1], groups=groups) if k + 1 < len(buckets) else None
         if groups.tp_rank == 0:
             # No name holds the full tensors: those the HF split copies (q/k/v, a dtype cast) are freed here.
-            hf = _to_hf(_finish_bucket(current), mapping=mapping, dtype=dtype, device=device)
+            hf = _to_hf(_finish_bucket(pending), mapping=mapping, dtype=dtype, device=device)
         else:
-            hf = _finish_bucket(current, rebuild=False)  # None: only tp_rank 0 hands buckets on
+            hf = _finish_bucket(pending, rebuild=False)  # None: only tp_rank 0 hands buckets on
+        # Double buffering: bucket k+1's all-gather runs while bucket k is consumed. It starts after bucket
+        # k's rebuild, not before: overlapping the rebuild too would hold two more buckets' buffers at the
+        # peak (bucket k's gathered bytes and its rebuilt copy, beside bucket k+1's).
+        pending = _start_bucket(buckets[k + 1], groups=groups) if k + 1 < len(buckets) else None
         yield hf
         del hf  # freed (once the consumer lets go) before bucket k+1 is rebuilt
 
