@@ -133,7 +133,10 @@ class RolloutConfig:
     engine: str = "auto"
     engine_kwargs: dict = field(default_factory=dict)
     placement: str = "rank0"
-    sync_bucket_mb: int = 512      # weight-sync bucket: peak extra memory ~3x this on the exporting ranks
+    # Weight-sync bucket (MiB). Peak extra memory on an exporting rank, measured on CPU/gloo at tp=2: 2.5x the
+    # largest bucket (this, or the largest single tensor if larger) in live bytes, 2.5-5.0x in RSS under
+    # glibc's default malloc (tools/benchmarks/bench_sync_memory.py; docs/benchmarks.md).
+    sync_bucket_mb: int = 512
     # Send decoder projection weights block-FP8 (e4m3 + float32 ``weight_scale_inv`` per 128x128 block,
     # weights/fp8.py) to an SGLang engine serving a block-FP8 model; needs CUDA.
     weights_fp8: bool = False

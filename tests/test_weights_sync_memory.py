@@ -55,8 +55,8 @@ def test_sync_peak_memory_is_a_few_buckets():
     """Two tp=2 gloo ranks, 9 buckets of <= 8 MiB: each rank's peak extra RSS over one sync stays within
     3.5 of the largest bucket. That bound is the most the export allocates on gloo: the bucket the engine
     is still copying, then the next bucket's send buffer (half a bucket at tp=2), receive buffer and gloo's
-    staging copy of it. Measured 2.5; holding the previous bucket while building the next, as the export
-    once did, measured 4.4-4.9."""
+    staging copy of it. Measured 2.5; an export that holds the previous bucket while it builds the next,
+    and starts the next all-gather before the current rebuild, measured 4.4-4.9."""
     import fipo_megatron.models.builder  # noqa: F401  (imported once here, inherited by the forked ranks)
 
     results = run_distributed(_sync_peak_worker, 2, timeout=180)

@@ -6,6 +6,7 @@
     # the generator underneath: every rank runs the loop, only receiving ranks get buckets
     for bucket in export_hf_buckets(actor.model_chunks, groups=groups, hf_config=hf_config, bucket_bytes=512 << 20):
         engine.update_weights(bucket)
+        del bucket  # freed before the next bucket is built
     engine.finish_weight_update()
 
 How it moves data:
@@ -17,8 +18,14 @@ How it moves data:
   larger than that travels alone). Its TP shards are flattened into one byte buffer and gathered with a
   single TP all-gather; the full tensors are rebuilt by ``models.sharding.gather_tp_shards`` and split into
   HF tensors by the checkpoint mapping (``checkpoint.registry.get_mapping``). The next bucket's
-  all-gather is in flight while the current one is consumed, so peak extra memory on a rank is about
-  ``3 * bucket_bytes``; the whole model is never materialised anywhere.
+  all-gather is launched once the current bucket is rebuilt, and runs while it is consumed.
+- Memory: the whole model is never materialised anywhere. Peak extra memory on an exporting rank,
+  measured on CPU/gloo at tp=2 (``tools/benchmarks/bench_sync_memory.py``, docs/benchmarks.md): 2.5x the
+  largest bucket in live bytes (one bucket's all-gather: the send buffer, the receive buffer and gloo's
+  staging copy); 2.5-5.0x in RSS under glibc's default malloc, whose heap keeps 0-264 MiB of freed
+  tensors resident. The largest bucket is ``bucket_bytes`` or the largest single tensor (the embedding),
+  whichever is larger. A consumer's loop variable keeps its bucket alive while the next one is built,
+  one bucket more, unless it deletes it as ``sync_weights`` does.
 - ``destination="rank0"``: every bucket ends at global rank 0 (stage 0 first, then stages 1..pp-1, each
   sent point-to-point from the stage's exporting rank); for an engine living in rank 0's process.
   ``destination="stage"``: each stage's exporting rank (tp_rank 0) yields its own buckets, for transports
