@@ -461,6 +461,8 @@ def broadcast_hf_buckets(model_chunks, *, route: StageRoute, groups, hf_config=N
         src = route.sources[stage]
         mine = local if groups.pp_rank == stage else None
         for index, specs in enumerate(bucket_specs):
+            # The previous bucket and its buffer are let go before the next is built (else both are alive).
+            bucket = buf = header = payload = trailer = None
             bucket = next(mine) if mine is not None else None  # in step with the stage's TP all-gathers
             payload_specs = [(shape, dt) for _, shape, dt in specs]
             size = packed_size(payload_specs)
