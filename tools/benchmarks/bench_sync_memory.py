@@ -66,7 +66,11 @@ class _Engine:
 
 
 def _whole_model_hf(model, *, groups, mapping):
-    """Every HF tensor of the model at once: TP shards all-gathered and rebuilt, split by the mapping."""
+    """Every HF tensor of the model at once: TP shards all-gathered and rebuilt, split by the mapping.
+
+    The gather loop of ``models.sharding.gather_full_state_dict`` without its ``.cpu().clone()`` of each
+    tensor, which would add a transient copy of the largest tensor (the embedding) to the baseline's peak
+    and flatter the bucketed export's ratio."""
     import torch
     import torch.distributed as dist
 
