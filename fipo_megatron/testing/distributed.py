@@ -84,13 +84,14 @@ def _teardown_megatron() -> None:
         destroy_parallel()
 
 
-def _start_method(backend: str) -> str:
+def _start_method(backend: str, requested: str | None = None) -> str:
     """Fork where CUDA is out of the picture (CPU machines, CI); spawn where it is visible: a process that
-    has asked CUDA anything (even ``torch.cuda.is_available()``) cannot fork children that use it."""
-    forced = os.environ.get("FIPO_MP_START_METHOD")
+    has asked CUDA anything (even ``torch.cuda.is_available()``) cannot fork children that use it.
+    ``requested`` (the caller's ``start_method``) wins over both and over ``$FIPO_MP_START_METHOD``."""
+    forced = requested or os.environ.get("FIPO_MP_START_METHOD")
     if forced:
         if forced not in ("fork", "spawn"):
-            raise ValueError(f"FIPO_MP_START_METHOD must be 'fork' or 'spawn', got {forced!r}")
+            raise ValueError(f"start_method (or $FIPO_MP_START_METHOD) must be 'fork' or 'spawn', got {forced!r}")
         return forced
     import torch
 
@@ -99,8 +100,12 @@ def _start_method(backend: str) -> str:
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *, args: tuple = (), kwargs: dict | None = None,
                     timeout: float = 300.0, env: dict[str, str] | None = None, backend: str = "gloo",
-                    ranks_per_node: int | None = None) -> list[Any]:
+                    ranks_per_node: int | None = None, start_method: str | None = None) -> list[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` ranks; return results by rank.
+
+    ``start_method="spawn"`` gives each rank a fresh interpreter (a few seconds of imports) where a forked
+    rank would inherit the parent's state: memory measurements need it, since a forked rank's allocator
+    serves large buffers from the free chunks of the parent's heap and keeps them resident.
 
     ``backend="nccl"`` (GPU benchmarks) puts rank r on ``cuda:r``; it needs ``world_size`` GPUs, since NCCL
     refuses two ranks on one device. ``ranks_per_node``: pretend the ranks sit on nodes of this many
@@ -129,7 +134,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *, args: tuple = ()
     # Threads alive in the parent at fork time are the usual cause of a hung child (a lock they held is
     # copied locked); name them in the timeout message.
     parent_threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
-    ctx = mp.get_context(_start_method(backend))
+    ctx = mp.get_context(_start_method(backend, start_method))
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="fipo_dist_") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
