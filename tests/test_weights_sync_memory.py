@@ -57,9 +57,9 @@ def test_sync_peak_memory_is_a_few_buckets():
     is still copying, then the next bucket's send buffer (half a bucket at tp=2), receive buffer and gloo's
     staging copy of it. Measured 2.5; an export that holds the previous bucket while it builds the next,
     and starts the next all-gather before the current rebuild, measured 4.4-4.9."""
-    # Fresh interpreters: a rank forked from a long test session takes its bucket buffers from the free
-    # chunks of the session's heap and keeps them resident after use (+33 MiB on rank 1, 6.4 buckets, seen
-    # at the end of the full suite), which measures the session's heap, not the export.
+    # Fresh interpreters: ranks forked from the full test session inherit its heap, and there rank 1's
+    # anonymous memory stayed 33 MiB higher after the sync (6.4 buckets at the peak): a measure of the
+    # session's heap (most likely its free chunks serving the buffers), not of the export.
     results = run_distributed(_sync_peak_worker, 2, timeout=180, start_method="spawn")
     if not results[0]["pinned"]:
         pytest.skip("glibc's mallopt is not available: RSS would include what its heap keeps")

@@ -104,8 +104,8 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *, args: tuple = ()
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` ranks; return results by rank.
 
     ``start_method="spawn"`` gives each rank a fresh interpreter (a few seconds of imports) where a forked
-    rank would inherit the parent's state: memory measurements need it, since a forked rank's allocator
-    serves large buffers from the free chunks of the parent's heap and keeps them resident.
+    rank would inherit the parent's state: memory measurements need it, since a forked rank inherits the
+    parent's heap, and in a long test session its freed buffers were seen to stay resident.
 
     ``backend="nccl"`` (GPU benchmarks) puts rank r on ``cuda:r``; it needs ``world_size`` GPUs, since NCCL
     refuses two ranks on one device. ``ranks_per_node``: pretend the ranks sit on nodes of this many
